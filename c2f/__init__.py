@@ -1,0 +1,29 @@
+"""c2f: coarse-to-fine speech-image retrieval as a Hugging Face model package.
+
+Importing `c2f` registers the model with the Auto classes (so `AutoModel.from_pretrained(dir)` works without
+`trust_remote_code` when c2f is installed) and marks the three Hub classes for `save_pretrained` to copy their code.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoProcessor
+
+from .configuration_c2f import C2FConfig
+from .modeling_c2f import C2FImageOutput, C2FOutput, C2FSpeechImageModel, C2FSpeechOutput
+from .processing_c2f import C2FProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(C2FConfig.model_type, C2FConfig, exist_ok=True)
+AutoModel.register(C2FConfig, C2FSpeechImageModel, exist_ok=True)
+AutoProcessor.register(C2FConfig, C2FProcessor, exist_ok=True)
+C2FConfig.register_for_auto_class()
+C2FSpeechImageModel.register_for_auto_class("AutoModel")
+C2FProcessor.register_for_auto_class()
+
+__all__ = [
+    "C2FConfig",
+    "C2FImageOutput",
+    "C2FOutput",
+    "C2FProcessor",
+    "C2FSpeechImageModel",
+    "C2FSpeechOutput",
+]

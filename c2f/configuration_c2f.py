@@ -1,0 +1,124 @@
+"""Configuration for c2f, the coarse-to-fine speech-image retrieval model.
+
+This file is copied verbatim to a Hub repository by `save_pretrained`, so it imports only transformers.
+"""
+
+from transformers import Blip2VisionConfig, HubertConfig, PreTrainedConfig
+
+
+class C2FConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`C2FSpeechImageModel`]: a HuBERT speech backbone followed by a small speech encoder, a BLIP-2
+    vision tower, a shared embedding space for speech-image contrastive (SIC) learning and a multimodal transformer for
+    speech-image matching (SIM). The defaults follow the reconstruction in our design notes (ALBEF defaults where the
+    paper is silent); the backbone defaults are the shapes of `facebook/hubert-base-ls960` and BLIP-2's ViT-g.
+
+    Args:
+        speech_config (`dict` or [`HubertConfig`], *optional*):
+            Configuration of the HuBERT speech backbone.
+        vision_config (`dict` or [`Blip2VisionConfig`], *optional*):
+            Configuration of the BLIP-2 vision tower.
+        speech_layer_pooling (`str`, *optional*, defaults to `"last"`):
+            Which HuBERT output feeds the speech encoder: `"last"` (last hidden layer) or `"weighted_sum"` (a learned
+            softmax-weighted sum of all hidden layers, as in SUPERB; lower layers carry more phonetic detail).
+        speech_frame_downsample (`int`, *optional*, defaults to 2):
+            Mean-pool this many consecutive HuBERT frames (20 ms each) into one speech token. Shorter sequences make the
+            speech encoder and the cross-attention cheaper; padding frames are excluded from the mean.
+        speech_encoder_hidden_size (`int`, *optional*, defaults to 768):
+            Width of the speech encoder and of the multimodal encoder (speech tokens are the queries of the latter).
+        speech_encoder_num_layers (`int`, *optional*, defaults to 2):
+            Transformer layers of the speech encoder on top of HuBERT.
+        speech_encoder_num_heads (`int`, *optional*, defaults to 12):
+            Attention heads in the speech encoder.
+        speech_encoder_intermediate_size (`int`, *optional*, defaults to 3072):
+            Feed-forward width in the speech encoder.
+        multimodal_num_layers (`int`, *optional*, defaults to 2):
+            Layers of the multimodal encoder; each has speech self-attention, cross-attention to image patch tokens and
+            a feed-forward block.
+        multimodal_num_heads (`int`, *optional*, defaults to 12):
+            Attention heads in the multimodal encoder.
+        multimodal_intermediate_size (`int`, *optional*, defaults to 3072):
+            Feed-forward width in the multimodal encoder.
+        embed_dim (`int`, *optional*, defaults to 256):
+            Size of the shared, L2-normalised speech-image embedding space.
+        temperature_init (`float`, *optional*, defaults to 0.07):
+            Initial value of the learnable SIC temperature.
+        temperature_min (`float`, *optional*, defaults to 0.001):
+            Lower clamp of the temperature (keeps the logits finite).
+        temperature_max (`float`, *optional*, defaults to 0.5):
+            Upper clamp of the temperature.
+        k_test (`int`, *optional*, defaults to 128):
+            How many coarse (SIC) candidates are re-ranked by the SIM head at retrieval time.
+        freeze_image_backbone (`bool`, *optional*, defaults to `True`):
+            Keep the BLIP-2 vision tower frozen (and in eval mode), as BLIP-2 does. Its features can then be cached.
+        freeze_speech_backbone (`bool`, *optional*, defaults to `False`):
+            Freeze all of HuBERT.
+        freeze_speech_feature_encoder (`bool`, *optional*, defaults to `True`):
+            Freeze HuBERT's convolutional feature encoder only, the usual choice when fine-tuning HuBERT.
+        hidden_dropout (`float`, *optional*, defaults to 0.1):
+            Dropout in the speech and multimodal encoders.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            Epsilon of the layer norms of the speech and multimodal encoders.
+        hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation of the feed-forward blocks.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialiser of the new (non-backbone) weights.
+    """
+
+    model_type = "c2f"
+    sub_configs_defaults = {"speech_config": HubertConfig, "vision_config": Blip2VisionConfig}
+
+    speech_config: dict | HubertConfig | None = None
+    vision_config: dict | Blip2VisionConfig | None = None
+    speech_layer_pooling: str = "last"
+    speech_frame_downsample: int = 2
+    speech_encoder_hidden_size: int = 768
+    speech_encoder_num_layers: int = 2
+    speech_encoder_num_heads: int = 12
+    speech_encoder_intermediate_size: int = 3072
+    multimodal_num_layers: int = 2
+    multimodal_num_heads: int = 12
+    multimodal_intermediate_size: int = 3072
+    embed_dim: int = 256
+    temperature_init: float = 0.07
+    temperature_min: float = 0.001
+    temperature_max: float = 0.5
+    k_test: int = 128
+    freeze_image_backbone: bool = True
+    freeze_speech_backbone: bool = False
+    freeze_speech_feature_encoder: bool = True
+    hidden_dropout: float = 0.1
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    initializer_range: float = 0.02
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._check_values()
+
+    def _check_values(self):
+        """Reject settings that would only fail later, deep inside a forward pass."""
+        if self.speech_layer_pooling not in ("last", "weighted_sum"):
+            raise ValueError(
+                f"C2FConfig.speech_layer_pooling must be 'last' or 'weighted_sum', got {self.speech_layer_pooling!r}"
+            )
+        if self.speech_frame_downsample < 1:
+            raise ValueError(f"C2FConfig.speech_frame_downsample must be >= 1, got {self.speech_frame_downsample}")
+        for width, heads in (
+            ("speech_encoder_hidden_size", "speech_encoder_num_heads"),
+            ("speech_encoder_hidden_size", "multimodal_num_heads"),
+        ):
+            if getattr(self, width) % getattr(self, heads) != 0:
+                raise ValueError(
+                    f"C2FConfig.{width} ({getattr(self, width)}) must be divisible by {heads} ({getattr(self, heads)})"
+                )
+        if not 0 < self.temperature_min <= self.temperature_init <= self.temperature_max:
+            raise ValueError(
+                "C2FConfig needs 0 < temperature_min <= temperature_init <= temperature_max, got "
+                f"{self.temperature_min}, {self.temperature_init}, {self.temperature_max}"
+            )
+        if self.embed_dim < 1 or self.k_test < 0:
+            raise ValueError(f"C2FConfig needs embed_dim >= 1 and k_test >= 0, got {self.embed_dim}, {self.k_test}")
+
+
+__all__ = ["C2FConfig"]

@@ -1,0 +1,669 @@
+"""PyTorch c2f: coarse-to-fine speech-image retrieval (Zhou & Li, arXiv 2408.13119).
+
+HuBERT -> speech encoder -> speech embedding; BLIP-2 vision tower -> image embedding; both in one normalised space for
+speech-image contrastive (SIC) ranking, and a multimodal transformer whose speech tokens cross-attend to image patch
+tokens for speech-image matching (SIM) re-ranking.
+
+This file is copied verbatim to a Hub repository by `save_pretrained`: it imports only torch, transformers and the
+configuration file beside it. The embedding queue and the momentum model are training state and live in the trainer.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Blip2VisionModel, HubertModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.utils import ModelOutput
+
+from .configuration_c2f import C2FConfig
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Losses: pure functions, so the trainer (queue, momentum targets, several ranks) reuses exactly the same math.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def same_image_mask(query_image_ids: torch.Tensor, key_image_ids: torch.Tensor) -> torch.Tensor:
+    """`[num_queries, num_keys]` bool mask, True where query and key show the same image.
+
+    Other captions of the same image are not negatives: in Flickr8k every image has five.
+    """
+    return query_image_ids.view(-1, 1) == key_image_ids.view(1, -1)
+
+
+def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
+
+
+def sic_loss(
+    speech_embeds: torch.Tensor,
+    image_embeds: torch.Tensor,
+    image_ids: torch.Tensor,
+    temperature: torch.Tensor,
+    key_speech_embeds: torch.Tensor | None = None,
+    key_image_embeds: torch.Tensor | None = None,
+    key_image_ids: torch.Tensor | None = None,
+    soft_targets_speech_to_image: torch.Tensor | None = None,
+    soft_targets_image_to_speech: torch.Tensor | None = None,
+    distill_alpha: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Speech-image contrastive loss (InfoNCE both ways), averaged over the two directions.
+
+    Queries are the batch's `speech_embeds` / `image_embeds` (normalised). Keys default to the batch; a trainer passes
+    the batch gathered over ranks followed by the queue. Every key with the query's image id is a positive, and the
+    hard target spreads its mass evenly over them. With momentum distillation the target is
+    `(1 - alpha) * hard + alpha * soft`, where the soft targets are softmaxed momentum similarities over the same keys.
+
+    Returns `(loss, logits_speech_to_keys, logits_image_to_keys)`.
+    """
+    if key_speech_embeds is None:
+        key_speech_embeds, key_image_embeds, key_image_ids = speech_embeds, image_embeds, image_ids
+    if key_image_embeds is None or key_image_ids is None:
+        raise ValueError("sic_loss: key_speech_embeds, key_image_embeds and key_image_ids must be given together")
+    logits_speech_to_image = speech_embeds @ key_image_embeds.t() / temperature
+    logits_image_to_speech = image_embeds @ key_speech_embeds.t() / temperature
+
+    positives = same_image_mask(image_ids, key_image_ids).to(logits_speech_to_image.dtype)
+    positives_per_query = positives.sum(dim=1, keepdim=True)
+    if bool((positives_per_query == 0).any()):
+        raise ValueError("sic_loss: every query needs its own pair among the keys (keys must include the batch)")
+    hard_targets = positives / positives_per_query
+
+    targets_speech_to_image = hard_targets
+    targets_image_to_speech = hard_targets
+    if distill_alpha > 0:
+        if soft_targets_speech_to_image is None or soft_targets_image_to_speech is None:
+            raise ValueError("sic_loss: distill_alpha > 0 needs soft targets for both directions")
+        targets_speech_to_image = (1 - distill_alpha) * hard_targets + distill_alpha * soft_targets_speech_to_image
+        targets_image_to_speech = (1 - distill_alpha) * hard_targets + distill_alpha * soft_targets_image_to_speech
+
+    loss = (
+        _soft_cross_entropy(logits_speech_to_image, targets_speech_to_image)
+        + _soft_cross_entropy(logits_image_to_speech, targets_image_to_speech)
+    ) / 2
+    return loss, logits_speech_to_image, logits_image_to_speech
+
+
+def sample_hard_negatives(
+    logits: torch.Tensor, positive_mask: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """For each query row, sample one key with probability softmax(logits), positives excluded (ALBEF's mining).
+
+    Returns key indices, `-1` for rows where every key is a positive (no negative exists in the batch).
+    """
+    with torch.no_grad():
+        weights = F.softmax(logits.float(), dim=1).masked_fill(positive_mask, 0.0)
+        has_negative = (~positive_mask).any(dim=1)
+        # Uniform fallback where the softmax underflowed to zero on every negative.
+        underflow = has_negative & (weights.sum(dim=1) == 0)
+        weights[underflow] = (~positive_mask[underflow]).float()
+        weights[~has_negative] = 1.0  # any valid row for multinomial; replaced by -1 below
+        picked = torch.multinomial(weights, 1, generator=generator).squeeze(1)
+        return torch.where(has_negative, picked, torch.full_like(picked, -1))
+
+
+def sim_loss(match_logits: torch.Tensor, match_labels: torch.Tensor) -> torch.Tensor:
+    """Speech-image matching loss: 2-way cross-entropy (index 1 = match) over positives and hard negatives."""
+    return F.cross_entropy(match_logits, match_labels)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class C2FSpeechOutput(ModelOutput):
+    """Speech side of the model.
+
+    Args:
+        speech_embeds: `[batch, embed_dim]` projected speech embedding (normalised unless asked otherwise).
+        speech_tokens: `[batch, 1 + tokens, hidden]` speech-encoder output; position 0 is the CLS token. These are
+            the queries of the multimodal (SIM) encoder.
+        speech_token_mask: `[batch, 1 + tokens]` bool, False at padding.
+    """
+
+    speech_embeds: torch.Tensor | None = None
+    speech_tokens: torch.Tensor | None = None
+    speech_token_mask: torch.Tensor | None = None
+
+
+@dataclass
+class C2FImageOutput(ModelOutput):
+    """Image side of the model.
+
+    Args:
+        image_embeds: `[batch, embed_dim]` projected image embedding (normalised unless asked otherwise).
+        image_tokens: `[batch, 1 + patches, vision_hidden]` last hidden state of the BLIP-2 vision tower (CLS first);
+            the keys/values of the SIM cross-attention. This is what a frozen-backbone feature cache stores.
+    """
+
+    image_embeds: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None
+
+
+@dataclass
+class C2FOutput(ModelOutput):
+    """Output of [`C2FSpeechImageModel.forward`].
+
+    Args:
+        loss: `loss_sic + loss_sim` when `return_loss=True`.
+        loss_sic: speech-image contrastive loss (batch, plus queue and soft targets when given).
+        loss_sim: speech-image matching loss over the positives and the mined hard negatives.
+        logits_per_speech: `[batch, batch]` in-batch speech-to-image similarities divided by the temperature.
+        logits_per_image: its transpose.
+        speech_embeds / image_embeds: normalised embeddings `[batch, embed_dim]`.
+        match_logits / match_labels: SIM head logits `[pairs, 2]` and labels (1 = match) used for `loss_sim`.
+        temperature: the clamped temperature used for the logits.
+        speech_output / image_output: the per-modality outputs, tokens included.
+    """
+
+    loss: torch.Tensor | None = None
+    loss_sic: torch.Tensor | None = None
+    loss_sim: torch.Tensor | None = None
+    logits_per_speech: torch.Tensor | None = None
+    logits_per_image: torch.Tensor | None = None
+    speech_embeds: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    match_logits: torch.Tensor | None = None
+    match_labels: torch.Tensor | None = None
+    temperature: torch.Tensor | None = None
+    speech_output: C2FSpeechOutput | None = None
+    image_output: C2FImageOutput | None = None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class C2FAttention(nn.Module):
+    """Multi-head attention whose keys/values may come from another modality of another width."""
+
+    def __init__(self, hidden_size: int, num_heads: int, key_value_size: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.dropout = dropout
+        self.q_proj = nn.Linear(hidden_size, hidden_size)
+        self.k_proj = nn.Linear(key_value_size, hidden_size)
+        self.v_proj = nn.Linear(key_value_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+
+    def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = states.shape
+        return states.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self, hidden_states: torch.Tensor, key_value_states: torch.Tensor, key_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        query = self._split_heads(self.q_proj(hidden_states))
+        key = self._split_heads(self.k_proj(key_value_states))
+        value = self._split_heads(self.v_proj(key_value_states))
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        attended = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        batch, _, length, _ = attended.shape
+        return self.out_proj(attended.transpose(1, 2).reshape(batch, length, -1))
+
+
+class C2FFeedForward(nn.Module):
+    def __init__(self, config: C2FConfig, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(config.speech_encoder_hidden_size, intermediate_size)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(intermediate_size, config.speech_encoder_hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class C2FEncoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer layer over speech tokens; with `cross_attention_size` it also attends to image tokens.
+
+    We write our own rather than `BertModel(add_cross_attention=True)`, which transformers 5 turns into a causal
+    decoder.
+    """
+
+    def __init__(self, config: C2FConfig, num_heads: int, intermediate_size: int, cross_attention_size: int | None):
+        super().__init__()
+        hidden, eps, dropout = config.speech_encoder_hidden_size, config.layer_norm_eps, config.hidden_dropout
+        self.self_attn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.self_attn = C2FAttention(hidden, num_heads, hidden, dropout)
+        self.cross_attn_norm = nn.LayerNorm(hidden, eps=eps) if cross_attention_size else None
+        self.cross_attn = C2FAttention(hidden, num_heads, cross_attention_size, dropout) if cross_attention_size else None
+        self.ffn_norm = nn.LayerNorm(hidden, eps=eps)
+        self.ffn = C2FFeedForward(config, intermediate_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        token_mask: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        normed = self.self_attn_norm(hidden_states)
+        hidden_states = hidden_states + self.dropout(self.self_attn(normed, normed, token_mask))
+        if self.cross_attn is not None:
+            if image_tokens is None:
+                raise ValueError("a cross-attention layer needs image_tokens")
+            normed = self.cross_attn_norm(hidden_states)
+            hidden_states = hidden_states + self.dropout(self.cross_attn(normed, image_tokens))
+        return hidden_states + self.dropout(self.ffn(self.ffn_norm(hidden_states)))
+
+
+def downsample_frames(frames: torch.Tensor, frame_mask: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean-pool every `factor` frames, ignoring padding; a pooled token is valid if any of its frames is."""
+    if factor == 1:
+        return frames, frame_mask
+    batch, length, hidden = frames.shape
+    pad = (-length) % factor
+    if pad:
+        frames = F.pad(frames, (0, 0, 0, pad))
+        frame_mask = F.pad(frame_mask, (0, pad), value=False)
+    weights = frame_mask.to(frames.dtype).view(batch, -1, factor, 1)
+    summed = (frames.view(batch, -1, factor, hidden) * weights).sum(dim=2)
+    counts = weights.sum(dim=2)
+    return summed / counts.clamp(min=1), counts.squeeze(-1) > 0
+
+
+class C2FSpeechEncoder(nn.Module):
+    """Turns HuBERT frames into speech tokens: downsample, project, prepend CLS, a few transformer layers."""
+
+    def __init__(self, config: C2FConfig):
+        super().__init__()
+        hidden = config.speech_encoder_hidden_size
+        self.downsample = config.speech_frame_downsample
+        self.input_projection = nn.Linear(config.speech_config.hidden_size, hidden)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
+        self.layers = nn.ModuleList(
+            C2FEncoderLayer(config, config.speech_encoder_num_heads, config.speech_encoder_intermediate_size, None)
+            for _ in range(config.speech_encoder_num_layers)
+        )
+        self.final_norm = nn.LayerNorm(hidden, eps=config.layer_norm_eps)
+
+    def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        frames, frame_mask = downsample_frames(frames, frame_mask, self.downsample)
+        tokens = self.input_projection(frames)
+        batch = tokens.shape[0]
+        tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
+        token_mask = torch.cat([frame_mask.new_ones(batch, 1), frame_mask], dim=1)
+        for layer in self.layers:
+            tokens = layer(tokens, token_mask)
+        return self.final_norm(tokens), token_mask
+
+
+class C2FMultimodalEncoder(nn.Module):
+    """Speech tokens self-attend and cross-attend to image patch tokens; the CLS output feeds the SIM head."""
+
+    def __init__(self, config: C2FConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            C2FEncoderLayer(
+                config,
+                config.multimodal_num_heads,
+                config.multimodal_intermediate_size,
+                cross_attention_size=config.vision_config.hidden_size,
+            )
+            for _ in range(config.multimodal_num_layers)
+        )
+        self.final_norm = nn.LayerNorm(config.speech_encoder_hidden_size, eps=config.layer_norm_eps)
+
+    def forward(
+        self, speech_tokens: torch.Tensor, speech_token_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        hidden_states = speech_tokens
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, speech_token_mask, image_tokens)
+        return self.final_norm(hidden_states)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class C2FPreTrainedModel(PreTrainedModel):
+    config: C2FConfig
+    config_class = C2FConfig
+    base_model_prefix = "c2f"
+    main_input_name = "input_values"
+    input_modalities = ("audio", "image")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["C2FEncoderLayer", "HubertEncoderLayer", "Blip2EncoderLayer"]
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, C2FSpeechEncoder):
+            init.normal_(module.cls_token, mean=0.0, std=self.config.initializer_range)
+        elif isinstance(module, C2FSpeechImageModel):
+            init.constant_(module.temperature, self.config.temperature_init)
+            if module.speech_layer_weights is not None:
+                init.zeros_(module.speech_layer_weights)
+
+
+class C2FSpeechImageModel(C2FPreTrainedModel):
+    """Coarse-to-fine speech-image model: SIC embeddings for ranking, a SIM head for re-ranking.
+
+    Use `get_speech_features` / `get_image_features` for retrieval embeddings, `match_scores` for the fine score of
+    given pairs, and `forward(..., return_loss=True)` to train on a batch of paired speech and images.
+    """
+
+    def __init__(self, config: C2FConfig):
+        super().__init__(config)
+        self.speech_model = HubertModel(config.speech_config)
+        self.vision_model = Blip2VisionModel(config.vision_config)
+        self.speech_layer_weights = (
+            nn.Parameter(torch.zeros(config.speech_config.num_hidden_layers + 1))
+            if config.speech_layer_pooling == "weighted_sum"
+            else None
+        )
+        self.speech_encoder = C2FSpeechEncoder(config)
+        self.multimodal_encoder = C2FMultimodalEncoder(config)
+        self.speech_projection = nn.Linear(config.speech_encoder_hidden_size, config.embed_dim)
+        self.image_projection = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
+        self.match_head = nn.Linear(config.speech_encoder_hidden_size, 2)
+        self.temperature = nn.Parameter(torch.tensor(config.temperature_init))
+        self.post_init()
+        self._freeze_backbones()
+
+    # ---------------------------------------------------------------- construction
+
+    def _freeze_backbones(self):
+        if self.config.freeze_image_backbone:
+            self.vision_model.requires_grad_(False)
+            self.vision_model.eval()
+        if self.config.freeze_speech_backbone:
+            self.speech_model.requires_grad_(False)
+        elif self.config.freeze_speech_feature_encoder:
+            self.speech_model.feature_extractor.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """Loading re-creates the parameters (requires_grad=True), so the configured freezing is applied again."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model._freeze_backbones()
+        return loaded
+
+    def train(self, mode: bool = True):
+        """A frozen image backbone stays in eval mode, so its cached features equal what it would compute."""
+        super().train(mode)
+        if self.config.freeze_image_backbone:
+            self.vision_model.eval()
+        return self
+
+    @classmethod
+    def from_backbones(
+        cls, speech_model_name_or_path: str, image_model_name_or_path: str, **config_overrides
+    ) -> "C2FSpeechImageModel":
+        """Build a model around pretrained HuBERT weights and the vision tower of a BLIP-2 checkpoint.
+
+        `image_model_name_or_path` may be a full `Blip2Model` / `Blip2ForConditionalGeneration` checkpoint or a
+        standalone `Blip2VisionModel`; only the vision tower is kept. The new layers are randomly initialised.
+        Raises if any backbone weight is missing from the checkpoint, instead of silently training from random.
+        """
+        speech_model, speech_info = HubertModel.from_pretrained(speech_model_name_or_path, output_loading_info=True)
+        # Both layouts store the tower under `vision_model.`; the standalone class expects no prefix.
+        vision_model, vision_info = Blip2VisionModel.from_pretrained(
+            image_model_name_or_path, key_mapping={r"^vision_model\.": ""}, output_loading_info=True
+        )
+        for name, info in ((speech_model_name_or_path, speech_info), (image_model_name_or_path, vision_info)):
+            if info["missing_keys"] or info["mismatched_keys"]:
+                missing = sorted(info["missing_keys"]) + [str(key) for key in info["mismatched_keys"]]
+                raise ValueError(
+                    f"{name}: {len(missing)} backbone weights were not found or had the wrong shape "
+                    f"(first: {missing[:5]}); expected a HuBERT or BLIP-2 checkpoint"
+                )
+        config = C2FConfig(
+            speech_config=speech_model.config.to_dict(),
+            vision_config=vision_model.config.to_dict(),
+            **config_overrides,
+        )
+        model = cls(config)
+        model.speech_model.load_state_dict(speech_model.state_dict())
+        model.vision_model.load_state_dict(vision_model.state_dict())
+        model._freeze_backbones()
+        return model
+
+    # ---------------------------------------------------------------- encoders
+
+    def _speech_frames(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None):
+        # HuBERT variants with group norm in the feature encoder were trained on zero-padded audio without a mask;
+        # the mask still tells our own pooling which frames are padding.
+        backbone_mask = attention_mask if self.config.speech_config.feat_extract_norm == "layer" else None
+        weighted = self.speech_layer_weights is not None
+        outputs = self.speech_model(input_values, attention_mask=backbone_mask, output_hidden_states=weighted)
+        if weighted:
+            layer_weights = F.softmax(self.speech_layer_weights, dim=0)
+            frames = (torch.stack(outputs.hidden_states, dim=0) * layer_weights.view(-1, 1, 1, 1)).sum(dim=0)
+        else:
+            frames = outputs.last_hidden_state
+        if attention_mask is None:
+            frame_mask = torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device)
+        else:
+            frame_mask = self.speech_model._get_feature_vector_attention_mask(frames.shape[1], attention_mask).bool()
+        return frames, frame_mask
+
+    def encode_speech(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> C2FSpeechOutput:
+        """Speech embeddings plus the speech tokens the SIM head needs."""
+        frames, frame_mask = self._speech_frames(input_values, attention_mask)
+        speech_tokens, speech_token_mask = self.speech_encoder(frames, frame_mask)
+        speech_embeds = self.speech_projection(speech_tokens[:, 0])
+        if normalize:
+            speech_embeds = F.normalize(speech_embeds, dim=-1)
+        return C2FSpeechOutput(
+            speech_embeds=speech_embeds, speech_tokens=speech_tokens, speech_token_mask=speech_token_mask
+        )
+
+    def encode_image(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+        normalize: bool = True,
+    ) -> C2FImageOutput:
+        """Image embeddings plus the patch tokens the SIM head needs.
+
+        `image_hidden_states` (the vision tower's last hidden state, e.g. from a feature cache) skips the tower.
+        """
+        if image_hidden_states is None:
+            if pixel_values is None:
+                raise ValueError("encode_image needs pixel_values or image_hidden_states")
+            image_hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        image_embeds = self.image_projection(image_hidden_states[:, 0])
+        if normalize:
+            image_embeds = F.normalize(image_embeds, dim=-1)
+        return C2FImageOutput(image_embeds=image_embeds, image_tokens=image_hidden_states)
+
+    def get_speech_features(
+        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+    ) -> torch.Tensor:
+        """`[batch, embed_dim]` speech embeddings for retrieval."""
+        return self.encode_speech(input_values, attention_mask, normalize=normalize).speech_embeds
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        normalize: bool = True,
+        image_hidden_states: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`[batch, embed_dim]` image embeddings for retrieval."""
+        return self.encode_image(pixel_values, image_hidden_states, normalize=normalize).image_embeds
+
+    def get_temperature(self) -> torch.Tensor:
+        return self.temperature.clamp(self.config.temperature_min, self.config.temperature_max)
+
+    # ---------------------------------------------------------------- matching (SIM)
+
+    def match_logits(
+        self, speech_tokens: torch.Tensor, speech_token_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """`[pairs, 2]` SIM logits (index 1 = match) for row-aligned speech and image token sequences."""
+        fused = self.multimodal_encoder(speech_tokens, speech_token_mask, image_tokens)
+        return self.match_head(fused[:, 0])
+
+    def match_scores(
+        self,
+        input_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+        speech_output: C2FSpeechOutput | None = None,
+        image_output: C2FImageOutput | None = None,
+    ) -> torch.Tensor:
+        """`[pairs]` match probabilities for row-aligned speech-image pairs.
+
+        Pass raw inputs, or outputs of `encode_speech` / `encode_image` to reuse tokens already computed.
+        """
+        if speech_output is None:
+            speech_output = self.encode_speech(input_values, attention_mask)
+        if image_output is None:
+            image_output = self.encode_image(pixel_values, image_hidden_states)
+        logits = self.match_logits(
+            speech_output.speech_tokens, speech_output.speech_token_mask, image_output.image_tokens
+        )
+        return logits.softmax(dim=-1)[:, 1]
+
+    def _sim_loss_with_hard_negatives(
+        self,
+        speech_output: C2FSpeechOutput,
+        image_output: C2FImageOutput,
+        logits_per_speech: torch.Tensor,
+        image_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        positives = same_image_mask(image_ids, image_ids)
+        negative_image_index = sample_hard_negatives(logits_per_speech, positives)
+        negative_speech_index = sample_hard_negatives(logits_per_speech.t(), positives)
+        batch_index = torch.arange(len(image_ids), device=image_ids.device)
+        has_image_negative = negative_image_index >= 0
+        has_speech_negative = negative_speech_index >= 0
+        # Pairs: all positives; each speech with its hard-negative image; each image with its hard-negative speech.
+        speech_index = torch.cat(
+            [batch_index, batch_index[has_image_negative], negative_speech_index[has_speech_negative]]
+        )
+        image_index = torch.cat(
+            [batch_index, negative_image_index[has_image_negative], batch_index[has_speech_negative]]
+        )
+        num_negatives = int(has_image_negative.sum() + has_speech_negative.sum())
+        labels = torch.cat(
+            [
+                torch.ones(len(batch_index), dtype=torch.long, device=image_ids.device),
+                torch.zeros(num_negatives, dtype=torch.long, device=image_ids.device),
+            ]
+        )
+        logits = self.match_logits(
+            speech_output.speech_tokens[speech_index],
+            speech_output.speech_token_mask[speech_index],
+            image_output.image_tokens[image_index],
+        )
+        return sim_loss(logits, labels), logits, labels
+
+    def forward(
+        self,
+        input_values: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_hidden_states: torch.Tensor | None = None,
+        image_ids: torch.Tensor | None = None,
+        return_loss: bool | None = None,
+        compute_sim_loss: bool = True,
+        queue_speech_embeds: torch.Tensor | None = None,
+        queue_image_embeds: torch.Tensor | None = None,
+        queue_image_ids: torch.Tensor | None = None,
+        soft_targets_speech_to_image: torch.Tensor | None = None,
+        soft_targets_image_to_speech: torch.Tensor | None = None,
+        distill_alpha: float = 0.0,
+        gather_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> C2FOutput | tuple:
+        r"""
+        Args:
+            input_values: `[batch, samples]` 16 kHz waveforms from [`C2FProcessor`].
+            pixel_values: `[batch, 3, H, W]` images from [`C2FProcessor`]; or give `image_hidden_states`.
+            attention_mask: `[batch, samples]` 1 for audio, 0 for padding.
+            image_hidden_states: precomputed vision-tower output (frozen-backbone cache) instead of `pixel_values`.
+            image_ids: `[batch]` integer image identity; items sharing it are positives for each other. Defaults to
+                every row being its own image.
+            return_loss: compute `loss_sic` (+ `loss_sim` with `compute_sim_loss`).
+            queue_speech_embeds / queue_image_embeds / queue_image_ids: extra SIC keys (a trainer's momentum queue).
+            soft_targets_speech_to_image / soft_targets_image_to_speech / distill_alpha: momentum-distillation targets
+                over the keys `[batch (gathered), queue]`.
+            gather_fn: concatenates a tensor over data-parallel ranks, with gradients; a trainer passes it so that
+                in-batch negatives span the global batch. The model itself knows nothing of processes.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if input_values is None:
+            raise ValueError("C2FSpeechImageModel.forward needs input_values")
+        speech_output = self.encode_speech(input_values, attention_mask)
+        image_output = self.encode_image(pixel_values, image_hidden_states)
+        speech_embeds, image_embeds = speech_output.speech_embeds, image_output.image_embeds
+        temperature = self.get_temperature()
+        logits_per_speech = speech_embeds @ image_embeds.t() / temperature
+
+        loss = loss_sic = loss_sim = match_logits = match_labels = None
+        if return_loss:
+            if image_ids is None:
+                image_ids = torch.arange(len(speech_embeds), device=speech_embeds.device)
+            key_speech, key_image, key_ids = speech_embeds, image_embeds, image_ids
+            if gather_fn is not None:
+                key_speech, key_image, key_ids = gather_fn(speech_embeds), gather_fn(image_embeds), gather_fn(image_ids)
+            if queue_image_embeds is not None:
+                key_speech = torch.cat([key_speech, queue_speech_embeds.to(key_speech.dtype)])
+                key_image = torch.cat([key_image, queue_image_embeds.to(key_image.dtype)])
+                key_ids = torch.cat([key_ids, queue_image_ids])
+            loss_sic, _, _ = sic_loss(
+                speech_embeds,
+                image_embeds,
+                image_ids,
+                temperature,
+                key_speech,
+                key_image,
+                key_ids,
+                soft_targets_speech_to_image,
+                soft_targets_image_to_speech,
+                distill_alpha,
+            )
+            loss = loss_sic
+            if compute_sim_loss:
+                loss_sim, match_logits, match_labels = self._sim_loss_with_hard_negatives(
+                    speech_output, image_output, logits_per_speech.detach(), image_ids
+                )
+                loss = loss_sic + loss_sim
+
+        output = C2FOutput(
+            loss=loss,
+            loss_sic=loss_sic,
+            loss_sim=loss_sim,
+            logits_per_speech=logits_per_speech,
+            logits_per_image=logits_per_speech.t(),
+            speech_embeds=speech_embeds,
+            image_embeds=image_embeds,
+            match_logits=match_logits,
+            match_labels=match_labels,
+            temperature=temperature,
+            speech_output=speech_output,
+            image_output=image_output,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "C2FImageOutput",
+    "C2FOutput",
+    "C2FPreTrainedModel",
+    "C2FSpeechImageModel",
+    "C2FSpeechOutput",
+    "same_image_mask",
+    "sample_hard_negatives",
+    "sic_loss",
+    "sim_loss",
+]

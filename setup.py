@@ -1,0 +1,40 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+setup(
+    name="c2f",
+    version="0.1.0",
+    description="Coarse-to-fine speech-image retrieval (SIC + SIM + momentum distillation) as a Hugging Face model",
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["c2f", "c2f.*"]),
+    include_package_data=True,
+    package_data={"c2f": ["demo_data/**/*", "metrics/*.py"]},
+    install_requires=[
+        # Users bring their own torch build (CPU or CUDA); no exact pin.
+        "torch>=2.4",
+        "transformers>=5,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.24",
+        "soundfile>=0.12",
+        "soxr>=0.3",
+        "pillow>=10",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8"],
+        "faiss": ["faiss-cpu>=1.8"],
+    },
+    entry_points={"console_scripts": []},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)

@@ -1,0 +1,34 @@
+import numpy as np
+import pytest
+import torch
+
+from c2f.modeling_c2f import C2FSpeechImageModel
+from c2f.presets import tiny_config, tiny_processor
+
+
+@pytest.fixture
+def config():
+    return tiny_config()
+
+
+@pytest.fixture
+def model(config):
+    torch.manual_seed(0)
+    return C2FSpeechImageModel(config)
+
+
+@pytest.fixture
+def processor():
+    return tiny_processor()
+
+
+@pytest.fixture
+def batch(processor):
+    """Four clips of different lengths (so padding is exercised) with four images, two showing the same image."""
+    rng = np.random.default_rng(0)
+    audio = [rng.standard_normal(n).astype(np.float32) * 0.1 for n in (8000, 6400, 9600, 4800)]
+    images = [rng.integers(0, 255, (64, 64, 3), dtype=np.uint8) for _ in range(4)]
+    images[1] = images[0]
+    features = processor(audio=audio, images=images, sampling_rate=16000)
+    features["image_ids"] = torch.tensor([0, 0, 1, 2])
+    return features

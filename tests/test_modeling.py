@@ -1,0 +1,189 @@
+import pytest
+import torch
+from transformers import Blip2Config, Blip2Model, Blip2VisionModel, HubertModel
+
+from c2f.modeling_c2f import C2FSpeechImageModel, downsample_frames
+from c2f.presets import tiny_config
+
+
+def _inputs(batch):
+    return dict(input_values=batch["input_values"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"])
+
+
+def test_output_shapes_and_normalised_embeddings(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True)
+    assert out.speech_embeds.shape == out.image_embeds.shape == (4, 64)
+    assert torch.allclose(out.speech_embeds.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert torch.allclose(out.image_embeds.norm(dim=-1), torch.ones(4), atol=1e-5)
+    assert out.logits_per_speech.shape == (4, 4) and torch.equal(out.logits_per_image, out.logits_per_speech.t())
+    assert out.loss.isfinite() and torch.allclose(out.loss, out.loss_sic + out.loss_sim)
+    # 4 positives; 4 image negatives; speech negatives for every image (ids 0,0,1,2 always leave a negative).
+    assert out.match_logits.shape == (12, 2) and out.match_labels.tolist() == [1] * 4 + [0] * 8
+    tokens = out.speech_output.speech_tokens
+    assert tokens.shape[0] == 4 and tokens.shape[-1] == 64
+    # Shorter clips have padding tokens masked out; CLS is always valid.
+    mask = out.speech_output.speech_token_mask
+    assert mask[:, 0].all() and mask[3].sum() < mask[2].sum()
+    assert out.image_output.image_tokens.shape == (4, 1 + 64, 64)
+
+
+def test_public_feature_api_matches_forward(model, batch):
+    model.eval()
+    with torch.no_grad():
+        out = model(**_inputs(batch))
+        speech = model.get_speech_features(batch["input_values"], batch["attention_mask"])
+        images = model.get_image_features(batch["pixel_values"])
+        raw = model.get_image_features(batch["pixel_values"], normalize=False)
+        scores = model.match_scores(batch["input_values"], batch["pixel_values"], batch["attention_mask"])
+    assert torch.allclose(speech, out.speech_embeds) and torch.allclose(images, out.image_embeds)
+    assert not torch.allclose(raw.norm(dim=-1), torch.ones(4))
+    assert scores.shape == (4,) and ((scores > 0) & (scores < 1)).all()
+
+
+def test_padding_does_not_change_a_clip_embedding_with_layer_norm_hubert(batch, processor):
+    # feat_extract_norm="layer" HuBERT takes the attention mask, so padding must not leak into the embedding.
+    model = C2FSpeechImageModel(tiny_config(speech_config=dict(tiny_config().speech_config.to_dict(), feat_extract_norm="layer", do_stable_layer_norm=True))).eval()
+    alone = processor(audio=[batch["input_values"][3, :4800].numpy()], sampling_rate=16000)
+    with torch.no_grad():
+        single = model.get_speech_features(alone["input_values"], alone["attention_mask"])
+        padded = model.get_speech_features(batch["input_values"], batch["attention_mask"])[3:]
+    assert torch.allclose(single, padded, atol=1e-5)
+
+
+def test_precomputed_image_hidden_states_give_the_same_embeddings(model, batch):
+    model.eval()
+    with torch.no_grad():
+        hidden = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        assert torch.equal(model.get_image_features(image_hidden_states=hidden), model.get_image_features(batch["pixel_values"]))
+
+
+def test_loss_decreases_on_a_fixed_batch(model, batch):
+    torch.manual_seed(0)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(20):
+        out = model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss_sic.item())
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
+
+
+def test_gradients_do_not_reach_frozen_backbones(batch):
+    model = C2FSpeechImageModel(tiny_config(freeze_speech_backbone=True))
+    out = model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True)
+    out.loss.backward()
+    assert all(p.grad is None for p in model.vision_model.parameters())
+    assert all(p.grad is None for p in model.speech_model.parameters())
+    assert model.speech_projection.weight.grad is not None and model.match_head.weight.grad is not None
+    model.train()
+    assert not model.vision_model.training and model.speech_encoder.training
+
+
+def test_speech_feature_encoder_freezing_only_freezes_the_cnn(batch):
+    model = C2FSpeechImageModel(tiny_config(freeze_speech_feature_encoder=True))
+    model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True).loss.backward()
+    assert all(p.grad is None for p in model.speech_model.feature_extractor.parameters())
+    assert any(p.grad is not None for p in model.speech_model.encoder.parameters())
+
+
+def test_weighted_sum_layer_pooling_learns_layer_weights(batch):
+    model = C2FSpeechImageModel(tiny_config(speech_layer_pooling="weighted_sum"))
+    assert model.speech_layer_weights.shape == (3,)
+    model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True).loss.backward()
+    assert model.speech_layer_weights.grad is not None and model.speech_layer_weights.grad.abs().sum() > 0
+
+
+def test_queue_and_soft_targets_enter_the_loss(model, batch):
+    model.eval()
+    queue_speech = torch.nn.functional.normalize(torch.randn(8, 64), dim=1)
+    queue_images = torch.nn.functional.normalize(torch.randn(8, 64), dim=1)
+    queue_ids = torch.arange(100, 108)
+    common = dict(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True, compute_sim_loss=False)
+    with torch.no_grad():
+        plain = model(**common).loss
+        queued = model(**common, queue_speech_embeds=queue_speech, queue_image_embeds=queue_images, queue_image_ids=queue_ids)
+        soft = torch.softmax(torch.randn(4, 12), dim=1)
+        distilled = model(**common, queue_speech_embeds=queue_speech, queue_image_embeds=queue_images,
+                          queue_image_ids=queue_ids, soft_targets_speech_to_image=soft,
+                          soft_targets_image_to_speech=soft, distill_alpha=0.4)
+    assert queued.loss_sim is None and queued.loss > plain  # more negatives, higher InfoNCE
+    assert not torch.isclose(distilled.loss, queued.loss)
+
+
+def test_gather_fn_extends_in_batch_negatives(model, batch):
+    model.eval()
+    common = dict(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True, compute_sim_loss=False)
+    other_rank = torch.nn.functional.normalize(torch.randn(4, 64), dim=1)
+    other_ids = torch.arange(50, 54)
+
+    def gather_fn(tensor):  # pretend a second rank contributed four more items
+        return torch.cat([tensor, other_ids if tensor.dtype == torch.long else other_rank])
+
+    with torch.no_grad():
+        gathered = model(**common, gather_fn=gather_fn).loss
+        explicit = model(**common, queue_speech_embeds=other_rank, queue_image_embeds=other_rank, queue_image_ids=other_ids).loss
+    assert torch.allclose(gathered, explicit)
+
+
+def test_downsample_frames_ignores_padding():
+    frames = torch.tensor([[[1.0], [3.0], [5.0], [100.0]]])
+    mask = torch.tensor([[True, True, True, False]])
+    pooled, pooled_mask = downsample_frames(frames, mask, 2)
+    assert pooled.flatten().tolist() == [2.0, 5.0] and pooled_mask.tolist() == [[True, True]]
+    pooled, pooled_mask = downsample_frames(frames[:, :3], mask[:, :3], 2)  # odd length is padded, not dropped
+    assert pooled.flatten().tolist() == [2.0, 5.0]
+
+
+def test_freezing_survives_save_and_load(tmp_path, model):
+    model.save_pretrained(tmp_path)
+    loaded = C2FSpeechImageModel.from_pretrained(tmp_path)
+    assert not any(p.requires_grad for p in loaded.vision_model.parameters())
+    assert all(p.requires_grad for p in loaded.speech_encoder.parameters())
+
+
+def _tiny_backbones(config):
+    torch.manual_seed(3)
+    hubert = HubertModel(config.speech_config)
+    blip2 = Blip2Model(
+        Blip2Config(
+            vision_config=config.vision_config.to_dict(),
+            qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                                encoder_hidden_size=config.vision_config.hidden_size, vocab_size=100),
+            text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                             ffn_dim=64, vocab_size=100, word_embed_proj_dim=32),
+            num_query_tokens=4,
+        )
+    )
+    return hubert, blip2
+
+
+@pytest.mark.parametrize("vision_layout", ["full_blip2", "vision_only"])
+def test_from_backbones_loads_the_pretrained_weights(tmp_path, config, vision_layout):
+    hubert, blip2 = _tiny_backbones(config)
+    hubert.save_pretrained(tmp_path / "hubert")
+    if vision_layout == "full_blip2":
+        blip2.save_pretrained(tmp_path / "blip2")
+    else:
+        vision = Blip2VisionModel(config.vision_config)
+        vision.load_state_dict(blip2.vision_model.state_dict())
+        vision.save_pretrained(tmp_path / "blip2")
+    model = C2FSpeechImageModel.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "blip2"), embed_dim=32, k_test=5)
+    assert model.config.embed_dim == 32 and model.config.k_test == 5
+    for name, tensor in hubert.state_dict().items():
+        assert torch.equal(model.speech_model.state_dict()[name], tensor), name
+    for name, tensor in blip2.vision_model.state_dict().items():
+        assert torch.equal(model.vision_model.state_dict()[name], tensor), name
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
+
+
+def test_from_backbones_refuses_a_checkpoint_without_vision_weights(tmp_path, config):
+    hubert, _ = _tiny_backbones(config)
+    hubert.save_pretrained(tmp_path / "hubert")
+    with pytest.raises((ValueError, OSError)):
+        C2FSpeechImageModel.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "hubert"))
