@@ -138,6 +138,16 @@ class C2FProcessor(ProcessorMixin):
     def __init__(self, feature_extractor, image_processor):
         super().__init__(feature_extractor, image_processor)
 
+    @classmethod
+    def from_backbones(cls, speech_model_name_or_path: str, image_model_name_or_path: str) -> "C2FProcessor":
+        """The HuBERT checkpoint's feature extractor and the BLIP-2 checkpoint's image settings (PIL backend)."""
+        from transformers import Wav2Vec2FeatureExtractor
+        from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+        feature_extractor = Wav2Vec2FeatureExtractor.from_pretrained(speech_model_name_or_path)
+        image_processor = BlipImageProcessorPil.from_pretrained(image_model_name_or_path)
+        return cls(feature_extractor, image_processor)
+
     @property
     def sampling_rate(self) -> int:
         return self.feature_extractor.sampling_rate

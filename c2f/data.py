@@ -1,0 +1,246 @@
+"""Speech-image datasets in one record shape: `audio` (path), `image` (path), `image_id` (int), `caption`,
+`speaker`, `split`.
+
+Loaders for the shipped demo, a local JSONL/CSV manifest, Flickr8k Audio Captions and SpokenCOCO in their release
+layouts, and Hub datasets with `audio` / `image` / `image_id` columns. `validate_records` checks every file before
+training starts, so a broken file fails in seconds with its name, not at step 3,000.
+"""
+
+import csv
+import json
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import soundfile
+import torch
+from datasets import Dataset
+from PIL import Image
+
+from .processing_c2f import C2FProcessor
+
+DEMO_ROOT = Path(__file__).resolve().parent / "demo_data"
+RECORD_FIELDS = ("audio", "image", "image_id", "caption", "speaker", "split")
+
+
+def _records_to_dataset(records: list[dict], source: str) -> Dataset:
+    if not records:
+        raise ValueError(f"{source}: the split is empty; expected at least one speech-image pair")
+    columns = {field: [record.get(field, "") for record in records] for field in RECORD_FIELDS}
+    columns["image_id"] = [int(value) for value in columns["image_id"]]
+    return Dataset.from_dict(columns)
+
+
+def _integer_ids(keys: Iterable[str]) -> dict[str, int]:
+    """Stable integer ids for string image keys (file names), in sorted order."""
+    return {key: number for number, key in enumerate(sorted(set(keys)))}
+
+
+def load_manifest(path: str | os.PathLike, split: str | None = None) -> Dataset:
+    """A JSONL or CSV manifest with `audio`, `image` and `image_id` (+ optional caption, speaker, split) per row.
+
+    Relative paths are resolved against the manifest's folder. Non-integer image ids are mapped to integers.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"manifest {path} does not exist")
+    if path.suffix == ".csv":
+        with path.open(newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"manifest {path} line {number}: not valid JSON ({error})") from error
+    for number, row in enumerate(rows, start=1):
+        missing = [field for field in ("audio", "image", "image_id") if row.get(field) in (None, "")]
+        if missing:
+            raise ValueError(f"manifest {path} row {number}: missing field(s) {missing}; expected audio, image, image_id")
+    if split is not None:
+        rows = [row for row in rows if row.get("split", split) == split]
+    if rows and not all(str(row["image_id"]).lstrip("-").isdigit() for row in rows):
+        mapping = _integer_ids(str(row["image_id"]) for row in rows)
+        rows = [{**row, "image_id": mapping[str(row["image_id"])]} for row in rows]
+    records = [
+        {**row, "audio": str(path.parent / row["audio"]), "image": str(path.parent / row["image"]), "split": row.get("split", split or "")}
+        for row in rows
+    ]
+    return _records_to_dataset(records, f"manifest {path} split {split!r}")
+
+
+def load_demo(split: str, domain: str = "demo") -> Dataset:
+    """The demo dataset shipped inside c2f (`domain` "demo" or "demo-shifted")."""
+    manifest = DEMO_ROOT / domain / "metadata.jsonl"
+    if not manifest.is_file():
+        raise ValueError(f"the demo dataset is missing at {manifest}; regenerate it with `python -m c2f.demo`")
+    return load_manifest(manifest, split)
+
+
+_FLICKR_SPLIT_FILES = {"train": "Flickr_8k.trainImages.txt", "validation": "Flickr_8k.devImages.txt", "test": "Flickr_8k.testImages.txt"}
+
+
+def load_flickr8k(data_dir: str | os.PathLike, split: str) -> Dataset:
+    """Flickr8k Audio Captions: `flickr_audio/wav2capt.txt`, `flickr_audio/wavs/`, `Flicker8k_Dataset/` and the
+    `Flickr_8k.{train,dev,test}Images.txt` split lists, all under `data_dir` (split lists may also sit in a
+    `Flickr8k_text/` sub-folder, as in the text release)."""
+    root = Path(data_dir)
+    split_name = _FLICKR_SPLIT_FILES.get(split)
+    if split_name is None:
+        raise ValueError(f"flickr8k split must be one of {list(_FLICKR_SPLIT_FILES)}, got {split!r}")
+    split_file = next((p for p in (root / split_name, root / "Flickr8k_text" / split_name) if p.is_file()), None)
+    captions_file = root / "flickr_audio" / "wav2capt.txt"
+    for required in (split_file or root / split_name, captions_file):
+        if not required.is_file():
+            raise ValueError(f"flickr8k: {required} not found; expected the Flickr8k Audio Captions release layout")
+    images = {line.strip() for line in split_file.read_text().splitlines() if line.strip()}
+    ids = _integer_ids(images)
+    records = []
+    for number, line in enumerate(captions_file.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split()
+        if len(parts) < 2:
+            raise ValueError(f"flickr8k: {captions_file} line {number}: expected '<wav> <image>.jpg #<n>'")
+        wav, image = parts[0], parts[1]
+        if image in images:
+            speaker = wav.split("_")[0]
+            records.append(dict(audio=str(root / "flickr_audio" / "wavs" / wav), image=str(root / "Flicker8k_Dataset" / image),
+                                image_id=ids[image], caption="", speaker=speaker, split=split))
+    return _records_to_dataset(records, f"flickr8k {split}")
+
+
+_COCO_SPLIT_FILES = {"train": "SpokenCOCO_train.json", "validation": "SpokenCOCO_val.json", "test": "SpokenCOCO_val.json"}
+
+
+def load_spokencoco(data_dir: str | os.PathLike, split: str) -> Dataset:
+    """SpokenCOCO: `SpokenCOCO/SpokenCOCO_{train,val}.json` (or the JSON files directly in `data_dir`), wavs under
+    `SpokenCOCO/`, images under `data_dir` (`train2014/`, `val2014/`)."""
+    root = Path(data_dir)
+    if split not in _COCO_SPLIT_FILES:
+        raise ValueError(f"spokencoco split must be one of {list(_COCO_SPLIT_FILES)}, got {split!r}")
+    name = _COCO_SPLIT_FILES[split]
+    json_path = next((p for p in (root / "SpokenCOCO" / name, root / name) if p.is_file()), None)
+    if json_path is None:
+        raise ValueError(f"spokencoco: {root / 'SpokenCOCO' / name} not found; expected the SpokenCOCO release layout")
+    try:
+        entries = json.loads(json_path.read_text())["data"]
+    except (json.JSONDecodeError, KeyError, TypeError) as error:
+        raise ValueError(f"spokencoco: {json_path} is not a SpokenCOCO file with a 'data' list ({error})") from error
+    ids = _integer_ids(entry["image"] for entry in entries)
+    records = []
+    for entry in entries:
+        for caption in entry.get("captions", []):
+            records.append(dict(audio=str(json_path.parent / caption["wav"]), image=str(root / entry["image"]),
+                                image_id=ids[entry["image"]], caption=caption.get("text", ""),
+                                speaker=caption.get("speaker", ""), split=split))
+    return _records_to_dataset(records, f"spokencoco {split}")
+
+
+def load_hub_dataset(name_or_path: str, split: str, **kwargs) -> Dataset:
+    """A `datasets` dataset with `audio`, `image` and `image_id` columns. Audio is kept undecoded (paths/bytes), so
+    no torchcodec is needed; soundfile decodes it in the collator."""
+    from datasets import Audio, load_dataset, load_from_disk
+
+    if Path(name_or_path).is_dir() and (Path(name_or_path) / "dataset_dict.json").exists():
+        dataset = load_from_disk(name_or_path)[split]
+    else:
+        dataset = load_dataset(name_or_path, split=split, **kwargs)
+    missing = [column for column in ("audio", "image", "image_id") if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset {name_or_path} split {split}: missing column(s) {missing}")
+    if isinstance(dataset.features["audio"], Audio):
+        dataset = dataset.cast_column("audio", Audio(decode=False))
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {name_or_path} split {split}: the split is empty")
+    return dataset
+
+
+def load_speech_image_dataset(name: str, split: str, data_dir: str | None = None) -> Dataset:
+    """Dispatch on a dataset name: demo, demo-shifted, flickr8k, spokencoco, manifest (data_dir = the file), or a
+    Hub dataset name / saved dataset folder."""
+    if name in ("demo", "demo-shifted"):
+        return load_demo(split, name)
+    if name in ("flickr8k", "spokencoco"):
+        if data_dir is None:
+            raise ValueError(f"--dataset {name} needs --data_dir pointing at the release folder")
+        return (load_flickr8k if name == "flickr8k" else load_spokencoco)(data_dir, split)
+    if name == "manifest":
+        if data_dir is None:
+            raise ValueError("--dataset manifest needs --data_dir pointing at a .jsonl or .csv file")
+        return load_manifest(data_dir, split)
+    return load_hub_dataset(name, split)
+
+
+def _check_audio(value) -> str | None:
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return None
+        value = value.get("path")
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
+        return f"audio {value}: missing"
+    try:
+        info = soundfile.info(value)
+    except Exception as error:  # soundfile raises several types
+        return f"audio {value}: unreadable ({error})"
+    return f"audio {value}: empty" if info.frames == 0 else None
+
+
+def _check_image(value) -> str | None:
+    if isinstance(value, Image.Image):
+        return None
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return None
+        value = value.get("path")
+    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
+        return f"image {value}: missing"
+    try:
+        with Image.open(value) as image:
+            image.verify()
+    except Exception as error:  # PIL raises several types
+        return f"image {value}: unreadable ({error})"
+    return None
+
+
+def validate_records(dataset: Dataset, name: str, show: int = 5) -> None:
+    """Check every audio and image file once; raise one error listing the first offenders and their count."""
+    if len(dataset) == 0:
+        raise ValueError(f"{name}: the split is empty")
+    problems = []
+    seen_images = set()
+    for audio, image in zip(dataset["audio"], dataset["image"]):
+        problem = _check_audio(audio)
+        if problem:
+            problems.append(problem)
+        key = image if isinstance(image, str) else None
+        if key is None or key not in seen_images:
+            problem = _check_image(image)
+            if problem:
+                problems.append(problem)
+            if key is not None:
+                seen_images.add(key)
+    if problems:
+        listed = "\n  ".join(problems[:show])
+        raise ValueError(f"{name}: {len(problems)} bad file(s), first {min(show, len(problems))}:\n  {listed}")
+
+
+class SpeechImageCollator:
+    """Runs the processor on a list of records: decodes and pads audio, preprocesses images, keeps image ids."""
+
+    def __init__(self, processor: C2FProcessor, max_audio_seconds: float | None = 15.0):
+        self.processor = processor
+        self.max_length = int(max_audio_seconds * processor.sampling_rate) if max_audio_seconds else None
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.processor(
+            audio=[record["audio"] for record in records],
+            images=[record["image"] for record in records],
+            max_length=self.max_length,
+        )
+        batch = dict(batch)
+        batch["image_ids"] = torch.tensor([int(record["image_id"]) for record in records])
+        return batch

@@ -1,0 +1,112 @@
+"""Write the demo dataset: `python -m c2f.demo [--out DIR] [--seed 0]`.
+
+Layout, per domain (`demo`, `demo-shifted`): `metadata.jsonl` (one caption per line: audio, image, image_id, caption,
+speaker, split), `images/<split>/<id>.png` and `audio/<split>/<id>_<n>.ogg`. It is the same manifest format that
+`--dataset manifest` reads, so the demo goes through the loader path real datasets use.
+"""
+
+import argparse
+import json
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .scenes import Scene, random_scene, render_scene, sibling_scene
+from .speech import encode_opus, synthesize
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "demo_data"
+
+TRAIN_VOICES = ("en-us+m1", "en-us+f2", "en-gb+m3", "en-gb+f4", "en-gb-scotland+m2", "en-029+f1")
+TEST_VOICES = ("en-gb-x-rp+m4", "en-gb-x-rp+f3")  # never heard in training
+SHIFTED_VOICES = ("en-gb-x-gbclan+m5", "en-gb-x-gbcwmd+f5", "en-us+m7")
+
+
+@dataclass(frozen=True)
+class SplitSpec:
+    domain: str
+    split: str
+    num_images: int
+    captions_per_image: int
+    voices: tuple[str, ...]
+    held_out: str  # "exclude": no held-out colour-shape pair; "require": at least one; "any"
+    style: str = "filled"
+    sibling_rate: float = 0.4
+
+
+SPLITS = (
+    SplitSpec("demo", "train", 640, 3, TRAIN_VOICES, "exclude"),
+    SplitSpec("demo", "validation", 80, 3, TRAIN_VOICES, "exclude"),
+    SplitSpec("demo", "test", 160, 3, TEST_VOICES, "require"),
+    SplitSpec("demo-shifted", "test", 120, 3, SHIFTED_VOICES, "any", style="outlined"),
+)
+
+
+def _allowed(scene: Scene, rule: str) -> bool:
+    return rule == "any" or scene.uses_held_out_pair() == (rule == "require")
+
+
+def sample_scenes(spec: SplitSpec, rng: random.Random) -> list[Scene]:
+    """Unique scenes (no two images share a caption), a share of them in sibling pairs that differ in one thing."""
+    scenes, captions = [], set()
+
+    def add(scene: Scene) -> bool:
+        if not _allowed(scene, spec.held_out) or scene.caption() in captions:
+            return False
+        scenes.append(scene)
+        captions.add(scene.caption())
+        return True
+
+    while len(scenes) < spec.num_images:
+        scene = random_scene(rng)
+        if add(scene) and len(scene.objects) > 1 and rng.random() < spec.sibling_rate and len(scenes) < spec.num_images:
+            for _ in range(10):  # a sibling may land on a disallowed or duplicate scene; try a few
+                if add(sibling_scene(scene, rng)):
+                    break
+    return scenes
+
+
+def _speak(job):
+    path, caption, voice, words_per_minute, pitch = job
+    path.write_bytes(encode_opus(synthesize(caption, voice, words_per_minute, pitch)))
+
+
+def generate_split(spec: SplitSpec, out: Path, seed: int, first_image_id: int) -> list[dict]:
+    rng = random.Random(f"{seed}/{spec.domain}/{spec.split}")
+    root = out / spec.domain
+    (root / "images" / spec.split).mkdir(parents=True, exist_ok=True)
+    (root / "audio" / spec.split).mkdir(parents=True, exist_ok=True)
+    records, jobs = [], []
+    for number, scene in enumerate(sample_scenes(spec, rng)):
+        image_id = first_image_id + number
+        image_path = f"images/{spec.split}/{image_id:05d}.png"
+        render_scene(scene, rng, style=spec.style).save(root / image_path, optimize=True)
+        for take in range(spec.captions_per_image):
+            voice = spec.voices[(number + take) % len(spec.voices)]
+            audio_path = f"audio/{spec.split}/{image_id:05d}_{take}.ogg"
+            jobs.append((root / audio_path, scene.caption(), voice, rng.randint(200, 260), rng.randint(30, 70)))
+            records.append(dict(audio=audio_path, image=image_path, image_id=image_id, caption=scene.caption(),
+                                speaker=voice, split=spec.split))
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(_speak, jobs))
+    return records
+
+
+def generate(out: Path = DEFAULT_OUT, seed: int = 0) -> None:
+    by_domain: dict[str, list[dict]] = {}
+    for spec in SPLITS:
+        records = by_domain.setdefault(spec.domain, [])
+        first_id = max((r["image_id"] for r in records), default=-1) + 1
+        records.extend(generate_split(spec, out, seed, first_id))
+    for domain, records in by_domain.items():
+        lines = "".join(json.dumps(record, sort_keys=True) + "\n" for record in records)
+        (out / domain / "metadata.jsonl").write_text(lines)
+        print(f"{domain}: {len(records)} captions of {len({r['image_id'] for r in records})} images -> {out / domain}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package's)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    generate(args.out, args.seed)

@@ -1,0 +1,111 @@
+"""Retrieval evaluation: Recall@K both ways and mean/median rank, coarse (SIC) and re-ranked (SIM)."""
+
+import torch
+from datasets import Dataset
+from torch.utils.data import DataLoader
+
+from .data import SpeechImageCollator
+from .modeling_c2f import C2FSpeechImageModel
+from .processing_c2f import C2FProcessor
+
+
+def ranks_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """1-based rank of the best-ranked correct item in each row. `hits[row, col]` marks correct items."""
+    order = scores.argsort(dim=1, descending=True)
+    hit_in_order = torch.gather(hits, 1, order)
+    if not bool(hit_in_order.any(dim=1).all()):
+        raise ValueError("every query needs at least one correct item in the gallery")
+    return hit_in_order.float().argmax(dim=1) + 1
+
+
+def recall_metrics(
+    speech_to_image: torch.Tensor, image_to_speech: torch.Tensor, speech_image_ids: torch.Tensor, gallery_image_ids: torch.Tensor, ks=(1, 5, 10)
+) -> dict[str, float]:
+    """`speech_to_image` [speech, images] and `image_to_speech` [images, speech] scores -> R@k (percent), mean and
+    median rank. Image->speech counts a hit when any caption of the image is in the top k."""
+    hits = speech_image_ids.view(-1, 1) == gallery_image_ids.view(1, -1)
+    metrics = {}
+    for direction, scores, direction_hits in (("s2i", speech_to_image, hits), ("i2s", image_to_speech, hits.t())):
+        ranks = ranks_of_first_hit(scores.float(), direction_hits)
+        for k in ks:
+            metrics[f"{direction}_R@{k}"] = 100.0 * (ranks <= k).float().mean().item()
+        metrics[f"{direction}_mean_rank"] = ranks.float().mean().item()
+        metrics[f"{direction}_median_rank"] = ranks.float().median().item()
+    return metrics
+
+
+@torch.no_grad()
+def encode_for_retrieval(model: C2FSpeechImageModel, dataset: Dataset, processor: C2FProcessor, batch_size: int = 32):
+    """Embeddings and SIM tokens for every caption and every distinct image of `dataset`."""
+    device = next(model.parameters()).device
+    collator = SpeechImageCollator(processor)
+    first_of_image = {}
+    for index, image_id in enumerate(dataset["image_id"]):
+        first_of_image.setdefault(int(image_id), index)
+    speech, images = [], []
+    for rows, sink, encode in (
+        (range(len(dataset)), speech, lambda b: model.encode_speech(b["input_values"].to(device), b["attention_mask"].to(device))),
+        (list(first_of_image.values()), images, lambda b: model.encode_image(b["pixel_values"].to(device))),
+    ):
+        loader = DataLoader(dataset.select(rows), batch_size=batch_size, collate_fn=collator)
+        for batch in loader:
+            sink.append(encode(batch))
+    speech_embeds = torch.cat([o.speech_embeds for o in speech])
+    # Speech token sequences differ in length across batches: keep them per batch and pad on use.
+    speech_tokens = [(o.speech_tokens, o.speech_token_mask) for o in speech]
+    return dict(
+        speech_embeds=speech_embeds,
+        speech_tokens=speech_tokens,
+        image_embeds=torch.cat([o.image_embeds for o in images]),
+        image_tokens=torch.cat([o.image_tokens for o in images]),
+        speech_image_ids=torch.tensor([int(i) for i in dataset["image_id"]]),
+        gallery_image_ids=torch.tensor(list(first_of_image)),
+    )
+
+
+def _flat_speech_tokens(chunks):
+    length = max(tokens.shape[1] for tokens, _ in chunks)
+    padded, masks = [], []
+    for tokens, mask in chunks:
+        pad = length - tokens.shape[1]
+        padded.append(torch.nn.functional.pad(tokens, (0, 0, 0, pad)))
+        masks.append(torch.nn.functional.pad(mask, (0, pad), value=False))
+    return torch.cat(padded), torch.cat(masks)
+
+
+@torch.no_grad()
+def rerank(model, coarse: torch.Tensor, query_is_speech: bool, speech_tokens, speech_mask, image_tokens, k: int, batch_size: int = 64):
+    """Re-score each row's top-k by SIM logit + SIC similarity (as BLIP does); the rest keep their coarse order below."""
+    k = min(k, coarse.shape[1])
+    fine = coarse - coarse.max() + coarse.min() - 1e4  # everything outside the top-k ranks below it, in coarse order
+    top_scores, top_index = coarse.topk(k, dim=1)
+    rows = torch.arange(coarse.shape[0], device=coarse.device).repeat_interleave(k)
+    cols = top_index.reshape(-1)
+    speech_index, image_index = (rows, cols) if query_is_speech else (cols, rows)
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        s, i = speech_index[start : start + batch_size], image_index[start : start + batch_size]
+        logits = model.match_logits(speech_tokens[s], speech_mask[s], image_tokens[i])
+        scores.append(logits[:, 1] - logits[:, 0])
+    fine[rows, cols] = torch.cat(scores).float() + top_scores.reshape(-1)
+    return fine
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None = None, batch_size: int = 32) -> dict[str, float]:
+    """Coarse (SIC) metrics, and SIM re-ranked metrics (prefixed `reranked_`) when `rerank_k` > 0."""
+    was_training = model.training
+    model.eval()
+    encoded = encode_for_retrieval(model, dataset, processor, batch_size)
+    coarse = encoded["speech_embeds"] @ encoded["image_embeds"].t()
+    metrics = recall_metrics(coarse, coarse.t(), encoded["speech_image_ids"], encoded["gallery_image_ids"])
+    rerank_k = model.config.k_test if rerank_k is None else rerank_k
+    if rerank_k > 0:
+        speech_tokens, speech_mask = _flat_speech_tokens(encoded["speech_tokens"])
+        args = (speech_tokens, speech_mask, encoded["image_tokens"], rerank_k)
+        s2i = rerank(model, coarse, True, *args)
+        i2s = rerank(model, coarse.t().contiguous(), False, *args)
+        fine = recall_metrics(s2i, i2s, encoded["speech_image_ids"], encoded["gallery_image_ids"])
+        metrics.update({f"reranked_{name}": value for name, value in fine.items()})
+    model.train(was_training)
+    return metrics

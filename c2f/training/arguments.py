@@ -1,0 +1,20 @@
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class C2FTrainingArguments(TrainingArguments):
+    """Training arguments plus the ALBEF-style knobs (defaults from the design card) and ablation switches."""
+
+    queue_size: int = field(default=65536, metadata={"help": "SIC embedding queue length; a multiple of the global batch size."})
+    momentum: float = field(default=0.995, metadata={"help": "EMA factor of the momentum model, per optimizer step."})
+    distill_alpha: float = field(default=0.4, metadata={"help": "Weight of the momentum model's soft SIC targets."})
+    alpha_warmup_epochs: float = field(default=1.0, metadata={"help": "Ramp alpha linearly from 0 over this many epochs."})
+    sim_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the SIM loss next to the SIC loss."})
+    eval_rerank_k: int | None = field(default=None, metadata={"help": "SIM re-rank depth at evaluation (default: config.k_test)."})
+    use_queue: bool = field(default=True, metadata={"help": "Use the momentum embedding queue as extra SIC negatives."})
+    use_sim: bool = field(default=True, metadata={"help": "Train the SIM matching head with hard negatives."})
+    use_distillation: bool = field(default=True, metadata={"help": "Mix momentum soft targets into the SIC targets."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the raw columns."})
+    average_tokens_across_devices: bool = field(default=False, metadata={"help": "Kept False: c2f's loss is a per-batch mean."})

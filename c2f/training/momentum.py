@@ -1,0 +1,50 @@
+"""The momentum (EMA) copy of the model that provides queue features and distillation targets."""
+
+import copy
+
+import torch
+from torch import nn
+
+
+class MomentumModel:
+    """An EMA copy of the trainable weights. Frozen sub-modules are shared with the online model, not copied:
+    their EMA equals themselves, and BLIP-2's ViT-g is a billion parameters."""
+
+    def __init__(self, model: nn.Module, momentum: float):
+        self.momentum = momentum
+        frozen = {name for name, module in model.named_children() if not any(p.requires_grad for p in module.parameters())}
+        shared = {name: getattr(model, name) for name in frozen}
+        for name in frozen:  # keep the big frozen towers out of deepcopy
+            setattr(model, name, nn.Identity())
+        try:
+            self.model = copy.deepcopy(model)
+        finally:
+            for name, module in shared.items():
+                setattr(model, name, module)
+        for name, module in shared.items():
+            setattr(self.model, name, module)
+        self.model.requires_grad_(False)
+        self.model.eval()
+        self._pairs = [
+            (name, parameter, dict(self.model.named_parameters())[name])
+            for name, parameter in model.named_parameters()
+            if parameter.requires_grad
+        ]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        online = [pair[1].detach() for pair in self._pairs]
+        ema = [pair[2] for pair in self._pairs]
+        torch._foreach_mul_(ema, self.momentum)
+        torch._foreach_add_(ema, online, alpha=1 - self.momentum)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"momentum.{name}": ema for name, _, ema in self._pairs}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = [name for name, _, _ in self._pairs if f"momentum.{name}" not in state]
+        if missing:
+            raise ValueError(f"checkpoint lacks momentum weights for {len(missing)} parameters (first: {missing[:3]})")
+        with torch.no_grad():
+            for name, _, ema in self._pairs:
+                ema.copy_(state[f"momentum.{name}"])

@@ -1,0 +1,159 @@
+"""C2FTrainer: a transformers Trainer that adds the embedding queue, the momentum model and retrieval evaluation."""
+
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Trainer, TrainerCallback
+
+from ..evaluation import evaluate_retrieval
+from .momentum import MomentumModel
+from .queue import EmbeddingQueue
+
+STATE_FILE = "c2f_training_state.safetensors"
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate over ranks; gradients flow back to each rank's own slice (for in-batch negatives)."""
+    import torch.distributed.nn.functional as distributed
+
+    return torch.cat(distributed.all_gather(tensor), dim=0)
+
+
+class _MomentumUpdate(TrainerCallback):
+    def __init__(self, trainer: "C2FTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer.momentum_model is not None:
+            self.trainer.momentum_model.update()
+
+
+class C2FTrainer(Trainer):
+    """Trains a `C2FSpeechImageModel` with SIC over batch + queue (momentum soft targets mixed in) and SIM with hard
+    negatives. The queue and momentum weights are saved in every checkpoint (safetensors) and restored on resume."""
+
+    def __init__(self, *args, processor=None, **kwargs):
+        # Not `processing_class`: Trainer assumes every ProcessorMixin has a tokenizer (transformers 5.24).
+        super().__init__(*args, **kwargs)
+        self.processor = processor
+        self.momentum_model: MomentumModel | None = None
+        self.queue: EmbeddingQueue | None = None
+        self.add_callback(_MomentumUpdate(self))
+
+    # ------------------------------------------------------------------ training state
+
+    def _ensure_training_state(self):
+        if self.momentum_model is not None:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        args = self.args
+        if args.use_queue and args.queue_size % (args.per_device_train_batch_size * max(1, args.world_size)) != 0:
+            raise ValueError(
+                f"queue_size ({args.queue_size}) must be a multiple of the global batch size "
+                f"({args.per_device_train_batch_size} x {max(1, args.world_size)} processes)"
+            )
+        self.momentum_model = MomentumModel(model, args.momentum)
+        device = next(model.parameters()).device
+        self.queue = EmbeddingQueue(args.queue_size, model.config.embed_dim, device) if args.use_queue else None
+
+    def training_state_dict(self) -> dict[str, torch.Tensor]:
+        self._ensure_training_state()
+        state = dict(self.momentum_model.state_dict())
+        if self.queue is not None:
+            state.update(self.queue.state_dict())
+        return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if not self.args.should_save:
+            return
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        path = os.path.join(folder, STATE_FILE)
+        save_file(self.training_state_dict(), path + ".tmp", metadata={"global_step": str(self.state.global_step)})
+        os.replace(path + ".tmp", path)  # atomic: a crash leaves the old file or none, never half a file
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, STATE_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by C2FTrainer")
+        self._ensure_training_state()
+        state = load_file(path)
+        self.momentum_model.load_state_dict(state)
+        if self.queue is not None:
+            self.queue.load_state_dict({k: v.to(self.queue.speech.device) for k, v in state.items() if k.startswith("queue.")})
+
+    # ------------------------------------------------------------------ loss
+
+    def current_alpha(self) -> float:
+        args = self.args
+        if not args.use_distillation:
+            return 0.0
+        steps_per_epoch = self.state.max_steps / max(self.state.num_train_epochs, 1) if self.state.max_steps else 1
+        warmup = args.alpha_warmup_epochs * steps_per_epoch
+        return args.distill_alpha * (min(1.0, self.state.global_step / warmup) if warmup > 0 else 1.0)
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.accelerator.gather(tensor.contiguous()) if self.accelerator.num_processes > 1 else tensor
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        self._ensure_training_state()
+        args = self.args
+        image_ids = inputs["image_ids"]
+        image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
+        momentum = self.momentum_model.model
+        with torch.no_grad():
+            momentum_speech = momentum.get_speech_features(inputs["input_values"], inputs.get("attention_mask"))
+            momentum_image = momentum.get_image_features(**image_inputs)
+            all_speech, all_image, all_ids = map(self._gather, (momentum_speech, momentum_image, image_ids))
+
+        queue_keys = self.queue.keys() if self.queue is not None else None
+        alpha = self.current_alpha()
+        soft_targets = {}
+        if alpha > 0:
+            with torch.no_grad():
+                temperature = self.accelerator.unwrap_model(model).get_temperature().detach()
+                key_image, key_speech = all_image, all_speech
+                if queue_keys is not None:
+                    key_speech, key_image = torch.cat([all_speech, queue_keys[0]]), torch.cat([all_image, queue_keys[1]])
+                soft_targets = dict(
+                    soft_targets_speech_to_image=(momentum_speech @ key_image.t() / temperature).softmax(dim=1),
+                    soft_targets_image_to_speech=(momentum_image @ key_speech.t() / temperature).softmax(dim=1),
+                )
+        outputs = model(
+            input_values=inputs["input_values"],
+            attention_mask=inputs.get("attention_mask"),
+            image_ids=image_ids,
+            return_loss=True,
+            compute_sim_loss=args.use_sim,
+            queue_speech_embeds=None if queue_keys is None else queue_keys[0],
+            queue_image_embeds=None if queue_keys is None else queue_keys[1],
+            queue_image_ids=None if queue_keys is None else queue_keys[2],
+            distill_alpha=alpha,
+            gather_fn=gather_with_grad if self.accelerator.num_processes > 1 else None,
+            **soft_targets,
+            **image_inputs,
+        )
+        loss = outputs.loss_sic
+        if args.use_sim:
+            loss = loss + args.sim_loss_weight * outputs.loss_sim
+        if model.training and self.queue is not None:
+            self.queue.enqueue(all_speech, all_image, all_ids)
+        return (loss, outputs) if return_outputs else loss
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """Retrieval metrics (R@1/5/10 both ways, coarse and SIM re-ranked) instead of an eval loss."""
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if dataset is None:
+            raise ValueError("C2FTrainer.evaluate needs an eval_dataset")
+        model = self.accelerator.unwrap_model(self.model)
+        metrics = evaluate_retrieval(
+            model, dataset, self.processor, self.args.eval_rerank_k, self.args.per_device_eval_batch_size
+        )
+        metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Train and evaluate c2f: `accelerate launch run_retrieval.py [--args]` or `python run_retrieval.py config.json`.
+
+With no arguments: the tiny model on the shipped demo data, CPU-friendly, then R@1/5/10 both ways on the held-out
+test split and a saved model + processor that `AutoModel.from_pretrained(dir, trust_remote_code=True)` loads.
+Real backbones and data are flags away, e.g.
+`--speech_model facebook/hubert-base-ls960 --image_model Salesforce/blip2-opt-2.7b --dataset flickr8k --data_dir DIR`.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+
+import transformers
+from transformers import AutoProcessor, HfArgumentParser
+
+from c2f import C2FProcessor, C2FSpeechImageModel
+from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records
+from c2f.presets import tiny_config, tiny_processor
+from c2f.training import C2FTrainer, C2FTrainingArguments
+
+logger = logging.getLogger("run_retrieval")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={"help": "A trained c2f folder or Hub id to continue from."})
+    speech_model: str | None = field(default=None, metadata={"help": "HuBERT checkpoint, e.g. facebook/hubert-base-ls960."})
+    image_model: str | None = field(default=None, metadata={"help": "BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b."})
+    freeze_image_backbone: bool | None = field(default=None, metadata={"help": "Default: frozen for pretrained BLIP-2, trained for the tiny random model."})
+    freeze_speech_backbone: bool = field(default=False)
+    k_test: int | None = field(default=None, metadata={"help": "SIM re-rank depth stored in the config."})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="demo", metadata={"help": "demo, demo-shifted, flickr8k, spokencoco, manifest, or a Hub dataset."})
+    data_dir: str | None = field(default=None, metadata={"help": "Release folder (flickr8k, spokencoco) or manifest file."})
+    train_split: str = field(default="train")
+    eval_split: str = field(default="validation")
+    test_split: str = field(default="test")
+    zero_shot_dataset: str | None = field(default=None, metadata={"help": "Also evaluate on another dataset (e.g. demo-shifted)."})
+    zero_shot_data_dir: str | None = field(default=None)
+    max_audio_seconds: float = field(default=15.0)
+    skip_file_check: bool = field(default=False, metadata={"help": "Skip checking every file before training."})
+
+
+@dataclass
+class RunArguments(C2FTrainingArguments):
+    """Defaults sized for the demo on a laptop CPU; pass the design-card values for real data."""
+
+    output_dir: str = field(default="outputs/c2f-demo")
+    num_train_epochs: float = field(default=8.0)
+    per_device_train_batch_size: int = field(default=32)
+    per_device_eval_batch_size: int = field(default=64)
+    learning_rate: float = field(default=5e-4)
+    weight_decay: float = field(default=0.02)
+    warmup_steps: float = field(default=0.05)
+    lr_scheduler_type: str = field(default="cosine")
+    queue_size: int = field(default=1024)
+    logging_steps: int = field(default=20)
+    save_strategy: str = field(default="no")
+    dataloader_num_workers: int = field(default=0)
+
+
+def build_model_and_processor(model_args: ModelArguments):
+    overrides = {} if model_args.k_test is None else {"k_test": model_args.k_test}
+    if model_args.model_name_or_path:
+        model = C2FSpeechImageModel.from_pretrained(model_args.model_name_or_path, **overrides)
+        processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
+        return model, processor
+    if model_args.speech_model or model_args.image_model:
+        if not (model_args.speech_model and model_args.image_model):
+            raise ValueError("--speech_model and --image_model go together")
+        freeze = True if model_args.freeze_image_backbone is None else model_args.freeze_image_backbone
+        model = C2FSpeechImageModel.from_backbones(
+            model_args.speech_model, model_args.image_model, freeze_image_backbone=freeze,
+            freeze_speech_backbone=model_args.freeze_speech_backbone, **overrides,
+        )
+        return model, C2FProcessor.from_backbones(model_args.speech_model, model_args.image_model)
+    freeze = False if model_args.freeze_image_backbone is None else model_args.freeze_image_backbone
+    config = tiny_config(freeze_image_backbone=freeze, freeze_speech_backbone=model_args.freeze_speech_backbone, **overrides)
+    return C2FSpeechImageModel(config), tiny_processor(config.vision_config.image_size)
+
+
+def format_results(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| eval | ranking | S→I R@1 / R@5 / R@10 | I→S R@1 / R@5 / R@10 |", "|---|---|---|---|"]
+    for name, metrics in results.items():
+        for label, prefix in (("coarse (SIC)", ""), ("re-ranked (SIM)", "reranked_")):
+            if f"{prefix}s2i_R@1" not in metrics:
+                continue
+            cells = [" / ".join(f"{metrics[f'{prefix}{d}_R@{k}']:.1f}" for k in (1, 5, 10)) for d in ("s2i", "i2s")]
+            lines.append(f"| {name} | {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        model_args, data_args, training_args = loader(argv[0])
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    transformers.utils.logging.set_verbosity_warning()
+
+    def load(dataset, data_dir, split):
+        records = load_speech_image_dataset(dataset, split, data_dir)
+        if not data_args.skip_file_check:
+            validate_records(records, f"{dataset} {split}")
+        return records
+
+    train = load(data_args.dataset, data_args.data_dir, data_args.train_split) if training_args.do_train or not training_args.do_eval else None
+    evaluation = load(data_args.dataset, data_args.data_dir, data_args.eval_split)
+    model, processor = build_model_and_processor(model_args)
+    trainer = C2FTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds),
+        processor=processor,
+    )
+    if train is not None:
+        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.save_model(training_args.output_dir)
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(training_args.output_dir)
+
+    results = {f"{data_args.dataset} {data_args.test_split}": trainer.evaluate(
+        load(data_args.dataset, data_args.data_dir, data_args.test_split), metric_key_prefix="test")}
+    if data_args.zero_shot_dataset:
+        zero_shot = load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.test_split)
+        results[f"{data_args.zero_shot_dataset} {data_args.test_split} (zero-shot)"] = trainer.evaluate(zero_shot, metric_key_prefix="zero_shot")
+    results = {name: {key.split("_", 1)[1] if key.startswith(("test_", "zero_shot_")) else key: value
+                      for key, value in metrics.items()} for name, metrics in results.items()}
+    results = {name: {k.removeprefix("shot_"): v for k, v in m.items()} for name, m in results.items()}
+    if trainer.is_world_process_zero():
+        print(format_results(results))
+        with open(f"{training_args.output_dir}/retrieval_results.json", "w") as handle:
+            json.dump(results, handle, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
