@@ -1,0 +1,115 @@
+"""Loaders on tiny fixture trees laid out exactly like the real releases."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from c2f.data import (SpeechImageCollator, load_demo, load_flickr8k, load_manifest, load_speech_image_dataset,
+                      load_spokencoco, validate_records)
+
+
+def _wav(path, seconds=0.3):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, np.random.default_rng(0).standard_normal(int(16000 * seconds)).astype(np.float32) * 0.1, 16000)
+
+
+def _jpg(path, color="red"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (20, 16), color).save(path)
+
+
+@pytest.fixture
+def flickr_root(tmp_path):
+    images = {"train": ["1000_a.jpg", "1001_b.jpg"], "dev": ["1002_c.jpg"], "test": ["1003_d.jpg"]}
+    lines = []
+    for split, names in images.items():
+        (tmp_path / f"Flickr_8k.{split}Images.txt").write_text("".join(n + "\n" for n in names))
+        for name in names:
+            _jpg(tmp_path / "Flicker8k_Dataset" / name)
+            for n in range(2):
+                wav = f"{name[:-4]}_{n}.wav"
+                _wav(tmp_path / "flickr_audio" / "wavs" / wav)
+                lines.append(f"{wav} {name} #{n}")
+    (tmp_path / "flickr_audio" / "wav2capt.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_flickr8k_loader_reads_the_release_layout(flickr_root):
+    train = load_flickr8k(flickr_root, "train")
+    assert len(train) == 4 and sorted(set(train["image_id"])) == [0, 1]
+    assert train[0]["audio"].endswith("flickr_audio/wavs/1000_a_0.wav") and train[0]["image"].endswith("Flicker8k_Dataset/1000_a.jpg")
+    assert len(load_flickr8k(flickr_root, "validation")) == 2 and len(load_flickr8k(flickr_root, "test")) == 2
+    validate_records(train, "flickr8k train")
+
+
+def test_flickr8k_missing_release_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="Flickr_8k.trainImages.txt not found"):
+        load_flickr8k(tmp_path, "train")
+
+
+def test_spokencoco_loader_reads_the_release_json(tmp_path):
+    data = {"data": [
+        {"image": "val2014/COCO_val2014_1.jpg", "captions": [
+            {"text": "a dog", "speaker": "s1", "uttid": "u1", "wav": "wavs/val/0/u1.wav"},
+            {"text": "a puppy", "speaker": "s2", "uttid": "u2", "wav": "wavs/val/0/u2.wav"}]},
+        {"image": "val2014/COCO_val2014_2.jpg", "captions": [
+            {"text": "a cat", "speaker": "s1", "uttid": "u3", "wav": "wavs/val/0/u3.wav"}]},
+    ]}
+    (tmp_path / "SpokenCOCO").mkdir()
+    (tmp_path / "SpokenCOCO" / "SpokenCOCO_val.json").write_text(json.dumps(data))
+    for entry in data["data"]:
+        _jpg(tmp_path / entry["image"])
+        for caption in entry["captions"]:
+            _wav(tmp_path / "SpokenCOCO" / caption["wav"])
+    dataset = load_spokencoco(tmp_path, "test")
+    assert dataset["image_id"] == [0, 0, 1] and dataset["caption"] == ["a dog", "a puppy", "a cat"]
+    assert dataset["speaker"] == ["s1", "s2", "s1"]
+    validate_records(dataset, "spokencoco test")
+
+
+def test_manifest_csv_with_string_ids_and_relative_paths(tmp_path):
+    _wav(tmp_path / "a.wav"); _wav(tmp_path / "b.wav"); _jpg(tmp_path / "x.png")
+    (tmp_path / "m.csv").write_text("audio,image,image_id,caption\na.wav,x.png,cat-1,hello\nb.wav,x.png,cat-1,hi\n")
+    dataset = load_manifest(tmp_path / "m.csv")
+    assert dataset["image_id"] == [0, 0] and dataset["audio"][1] == str(tmp_path / "b.wav")
+    (tmp_path / "bad.jsonl").write_text('{"audio": "a.wav", "image_id": 3}\n')
+    with pytest.raises(ValueError, match=r"row 1: missing field\(s\) \['image'\]"):
+        load_manifest(tmp_path / "bad.jsonl")
+
+
+def test_validation_lists_the_first_offenders_and_the_count(tmp_path):
+    _wav(tmp_path / "ok.wav"); _jpg(tmp_path / "ok.png")
+    (tmp_path / "broken.wav").write_text("nope")
+    rows = [dict(audio="ok.wav", image="ok.png", image_id=0), dict(audio="broken.wav", image="ok.png", image_id=0),
+            dict(audio="gone.wav", image="gone.png", image_id=1)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"3 bad file\(s\)") as error:
+        validate_records(load_manifest(tmp_path / "m.jsonl"), "mine")
+    assert "broken.wav: unreadable" in str(error.value) and "gone.wav: missing" in str(error.value)
+    assert "gone.png: missing" in str(error.value)
+    (tmp_path / "train_only.jsonl").write_text(json.dumps({**rows[0], "split": "train"}) + "\n")
+    with pytest.raises(ValueError, match="split 'test'.*empty"):
+        load_manifest(tmp_path / "train_only.jsonl", split="test")
+
+
+def test_shipped_demo_splits_hold_out_voices_and_colour_shape_pairs():
+    train, test = load_demo("train"), load_demo("test")
+    assert len(train) > 1000 and len(test) > 300 and len(load_demo("validation")) > 100
+    assert not set(train["speaker"]) & set(test["speaker"])
+    held_out = ("purple triangle", "yellow circle", "green square")
+    assert not any(pair in caption for caption in train["caption"] for pair in held_out)
+    assert all(any(pair in caption for pair in held_out) for caption in test["caption"])
+    assert not set(train["image_id"]) & set(test["image_id"])
+    shifted = load_speech_image_dataset("demo-shifted", "test")
+    assert len(shifted) > 100 and not set(shifted["speaker"]) & set(train["speaker"])
+
+
+def test_collator_batches_demo_records(processor):
+    records = [load_demo("validation")[i] for i in range(3)]
+    batch = SpeechImageCollator(processor)(records)
+    assert batch["input_values"].shape[0] == 3 and batch["pixel_values"].shape == (3, 3, 64, 64)
+    assert batch["image_ids"].dtype == torch.long and batch["attention_mask"].sum(dim=1).min() > 8000

@@ -1,0 +1,76 @@
+"""C2FTrainer on a few real demo clips: the loss moves, checkpoints carry the queue, resume is exact."""
+
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from c2f.data import SpeechImageCollator, load_demo
+from c2f.modeling_c2f import C2FSpeechImageModel
+from c2f.presets import tiny_config, tiny_processor
+from c2f.training import C2FTrainer, C2FTrainingArguments
+from c2f.training.trainer import STATE_FILE
+
+
+def _trainer(output_dir, max_steps, save_steps=None, **overrides):
+    torch.manual_seed(0)
+    model = C2FSpeechImageModel(tiny_config(freeze_image_backbone=False, hidden_dropout=0.0))
+    processor = tiny_processor()
+    args = C2FTrainingArguments(
+        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        queue_size=8, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        logging_steps=1, report_to="none", seed=7, data_seed=7, use_cpu=True, dataloader_num_workers=0,
+        **overrides,
+    )
+    return C2FTrainer(model=model, args=args, train_dataset=load_demo("validation").select(range(16)),
+                      data_collator=SpeechImageCollator(processor), processor=processor)
+
+
+def test_training_fills_the_queue_and_updates_the_momentum_model(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=3)
+    initial = trainer.model.speech_projection.weight.detach().clone()
+    trainer.train()
+    assert trainer.queue.filled == 8 and (trainer.queue.image_ids >= 0).all()
+    momentum_weight = trainer.momentum_model.model.speech_projection.weight
+    online_weight = trainer.model.speech_projection.weight
+    assert not torch.equal(momentum_weight, initial) and not torch.equal(momentum_weight, online_weight)
+    assert trainer.current_alpha() > 0
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def test_resume_from_checkpoint_is_exact(tmp_path):
+    straight = _trainer(tmp_path / "straight", max_steps=4)
+    straight.train()
+
+    first_half = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2)
+    first_half.train()  # saves checkpoint-2 and checkpoint-4; resume from the middle one
+    checkpoint = tmp_path / "resumed" / "checkpoint-2"
+    state = load_file(checkpoint / STATE_FILE)
+    assert int(state["queue.filled"]) == 8 and any(name.startswith("momentum.") for name in state)
+    assert not any(name.endswith(".tmp") for name in os.listdir(checkpoint))
+
+    resumed = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.allclose(expected, actual, atol=1e-6), name
+    assert torch.allclose(straight.queue.speech, resumed.queue.speech, atol=1e-6)
+    assert torch.equal(straight.queue.image_ids, resumed.queue.image_ids)
+    for (name, expected), actual in zip(straight.momentum_model.state_dict().items(), resumed.momentum_model.state_dict().values()):
+        assert torch.allclose(expected, actual, atol=1e-6), name
+
+
+def test_queue_size_must_divide_by_the_batch(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.args.queue_size = 6
+    with pytest.raises(ValueError, match="multiple of the global batch"):
+        trainer.train()
+
+
+def test_resuming_a_checkpoint_without_c2f_state_is_refused(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, save_steps=2)
+    trainer.train()
+    os.remove(tmp_path / "checkpoint-2" / STATE_FILE)
+    with pytest.raises(ValueError, match="not written by C2FTrainer"):
+        _trainer(tmp_path, max_steps=4, save_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
