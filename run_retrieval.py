@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import transformers
@@ -19,8 +20,10 @@ from transformers import AutoProcessor, HfArgumentParser
 
 from c2f import C2FProcessor, C2FSpeechImageModel
 from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records
+from c2f.hub import build_model_card, push_folder
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
+from c2f.training.feature_cache import ImageFeatureCache
 
 logger = logging.getLogger("run_retrieval")
 
@@ -44,8 +47,11 @@ class DataArguments:
     test_split: str = field(default="test")
     zero_shot_dataset: str | None = field(default=None, metadata={"help": "Also evaluate on another dataset (e.g. demo-shifted)."})
     zero_shot_data_dir: str | None = field(default=None)
+    zero_shot_split: str = field(default="test")
     max_audio_seconds: float = field(default=15.0)
     skip_file_check: bool = field(default=False, metadata={"help": "Skip checking every file before training."})
+    image_feature_cache: bool = field(default=True, metadata={"help": "Cache frozen image-tower features (safetensors) after one pass."})
+    image_cache_dir: str | None = field(default=None, metadata={"help": "Where the feature cache lives (default: OUTPUT_DIR/image_features)."})
 
 
 @dataclass
@@ -127,12 +133,19 @@ def main(argv=None):
     train = load(data_args.dataset, data_args.data_dir, data_args.train_split) if training_args.do_train or not training_args.do_eval else None
     evaluation = load(data_args.dataset, data_args.data_dir, data_args.eval_split)
     model, processor = build_model_and_processor(model_args)
+    image_features = None
+    if train is not None and model.config.freeze_image_backbone and data_args.image_feature_cache:
+        cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
+        with training_args.main_process_first(desc="image feature cache"):
+            image_features = ImageFeatureCache.build(model.vision_model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
+    # c2f uploads once at the end with its own model card; Trainer's push would overwrite README.md.
+    push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     trainer = C2FTrainer(
         model=model,
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds),
+        data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds, image_features),
         processor=processor,
     )
     if train is not None:
@@ -141,18 +154,30 @@ def main(argv=None):
         if trainer.is_world_process_zero():
             processor.save_pretrained(training_args.output_dir)
 
-    results = {f"{data_args.dataset} {data_args.test_split}": trainer.evaluate(
-        load(data_args.dataset, data_args.data_dir, data_args.test_split), metric_key_prefix="test")}
+    def retrieval_metrics(dataset, label, prefix):
+        metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
+        return label, {name.removeprefix(f"{prefix}_"): value for name, value in metrics.items()}
+
+    evaluations = [(load(data_args.dataset, data_args.data_dir, data_args.test_split), f"{data_args.dataset} {data_args.test_split}", "test")]
     if data_args.zero_shot_dataset:
-        zero_shot = load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.test_split)
-        results[f"{data_args.zero_shot_dataset} {data_args.test_split} (zero-shot)"] = trainer.evaluate(zero_shot, metric_key_prefix="zero_shot")
-    results = {name: {key.split("_", 1)[1] if key.startswith(("test_", "zero_shot_")) else key: value
-                      for key, value in metrics.items()} for name, metrics in results.items()}
-    results = {name: {k.removeprefix("shot_"): v for k, v in m.items()} for name, m in results.items()}
+        evaluations.append((load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.zero_shot_split),
+                            f"{data_args.zero_shot_dataset} {data_args.zero_shot_split} (zero-shot)", "zero_shot"))
+    results = dict(retrieval_metrics(*evaluation) for evaluation in evaluations)
     if trainer.is_world_process_zero():
-        print(format_results(results))
+        table = format_results(results)
+        print(table)
+        os.makedirs(training_args.output_dir, exist_ok=True)
         with open(f"{training_args.output_dir}/retrieval_results.json", "w") as handle:
             json.dump(results, handle, indent=2)
+        if push_to_hub:
+            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+            training = dict(queue_size=training_args.queue_size if training_args.use_queue else 0,
+                            momentum=training_args.momentum,
+                            distill_alpha=training_args.distill_alpha if training_args.use_distillation else 0.0,
+                            training_data=f"`{data_args.dataset}` split `{data_args.train_split}` ({len(train) if train is not None else 0} captions).")
+            card = build_model_card(Path(__file__).with_name("model_card.md"), repo_id, model.config, results, training, table)
+            push_folder(training_args.output_dir, repo_id, card, token=training_args.hub_token, private=training_args.hub_private_repo)
+            print(f"pushed to {repo_id}")
     return results
 
 

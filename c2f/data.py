@@ -229,18 +229,23 @@ def validate_records(dataset: Dataset, name: str, show: int = 5) -> None:
 
 
 class SpeechImageCollator:
-    """Runs the processor on a list of records: decodes and pads audio, preprocesses images, keeps image ids."""
+    """Runs the processor on a list of records: decodes and pads audio, preprocesses images, keeps image ids.
 
-    def __init__(self, processor: C2FProcessor, max_audio_seconds: float | None = 15.0):
+    With `image_features` (an `ImageFeatureCache` of a frozen tower) images are not decoded at all: the batch carries
+    `image_hidden_states` instead of `pixel_values`.
+    """
+
+    def __init__(self, processor: C2FProcessor, max_audio_seconds: float | None = 15.0, image_features=None):
         self.processor = processor
         self.max_length = int(max_audio_seconds * processor.sampling_rate) if max_audio_seconds else None
+        self.image_features = image_features
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.processor(
-            audio=[record["audio"] for record in records],
-            images=[record["image"] for record in records],
-            max_length=self.max_length,
-        )
-        batch = dict(batch)
-        batch["image_ids"] = torch.tensor([int(record["image_id"]) for record in records])
+        image_ids = [int(record["image_id"]) for record in records]
+        batch = dict(self.processor(audio=[record["audio"] for record in records], max_length=self.max_length))
+        if self.image_features is not None:
+            batch["image_hidden_states"] = torch.stack([self.image_features[image_id] for image_id in image_ids])
+        else:
+            batch.update(self.processor(images=[record["image"] for record in records]))
+        batch["image_ids"] = torch.tensor(image_ids)
         return batch

@@ -102,14 +102,15 @@ class C2FTrainer(Trainer):
         args = self.args
         image_ids = inputs["image_ids"]
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
-        momentum = self.momentum_model.model
-        with torch.no_grad():
-            momentum_speech = momentum.get_speech_features(inputs["input_values"], inputs.get("attention_mask"))
-            momentum_image = momentum.get_image_features(**image_inputs)
-            all_speech, all_image, all_ids = map(self._gather, (momentum_speech, momentum_image, image_ids))
-
         queue_keys = self.queue.keys() if self.queue is not None else None
         alpha = self.current_alpha()
+        needs_momentum = self.queue is not None or alpha > 0
+        if needs_momentum:  # the momentum features feed the queue and the soft targets; nothing else
+            momentum = self.momentum_model.model
+            with torch.no_grad():
+                momentum_speech = momentum.get_speech_features(inputs["input_values"], inputs.get("attention_mask"))
+                momentum_image = momentum.get_image_features(**image_inputs)
+                all_speech, all_image, all_ids = map(self._gather, (momentum_speech, momentum_image, image_ids))
         soft_targets = {}
         if alpha > 0:
             with torch.no_grad():

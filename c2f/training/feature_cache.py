@@ -1,0 +1,78 @@
+"""Frozen image-backbone features, computed once per image and read back memory-mapped in later epochs.
+
+With the BLIP-2 tower frozen (the default) its output for an image never changes, so recomputing ViT-g every epoch
+is pure waste. The cache file name carries a fingerprint of the tower's weights and config: features from another
+backbone are never reused by mistake.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..processing_c2f import C2FProcessor
+
+
+def backbone_fingerprint(vision_model: torch.nn.Module) -> str:
+    digest = hashlib.sha256(json.dumps(vision_model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vision_model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+class ImageFeatureCache:
+    """`cache[image_id]` -> the vision tower's last hidden state `[1 + patches, hidden]` for that image."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = safe_open(str(self.path), framework="pt")
+        self._keys = set(self._file.keys())
+
+    def __contains__(self, image_id: int) -> bool:
+        return str(int(image_id)) in self._keys
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __getitem__(self, image_id: int) -> torch.Tensor:
+        key = str(int(image_id))
+        if key not in self._keys:
+            raise KeyError(f"image id {image_id} is not in the feature cache {self.path}; rebuild it for this dataset")
+        return self._file.get_tensor(key)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, vision_model, processor: C2FProcessor, dataset: Dataset, cache_dir: str | os.PathLike,
+              tag: str = "train", batch_size: int = 32) -> "ImageFeatureCache":
+        """Compute (or reuse) the features of every distinct image of `dataset`."""
+        path = Path(cache_dir) / f"image_features-{tag}-{backbone_fingerprint(vision_model)}.safetensors"
+        first_row = {}
+        for row, image_id in enumerate(dataset["image_id"]):
+            first_row.setdefault(int(image_id), row)
+        if path.is_file():
+            cache = cls(path)
+            if all(image_id in cache for image_id in first_row):
+                return cache
+        device = next(vision_model.parameters()).device
+        was_training = vision_model.training
+        vision_model.eval()
+        images = dataset.select(list(first_row.values()))
+        loader = DataLoader(images, batch_size=batch_size,
+                            collate_fn=lambda rows: (processor(images=[r["image"] for r in rows])["pixel_values"], [r["image_id"] for r in rows]))
+        features = {}
+        for pixel_values, image_ids in tqdm(loader, desc="caching frozen image features"):
+            hidden = vision_model(pixel_values=pixel_values.to(device)).last_hidden_state.cpu()
+            features.update({str(int(i)): h.clone() for i, h in zip(image_ids, hidden)})
+        vision_model.train(was_training)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(features, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)
+        return cls(path)

@@ -1,0 +1,40 @@
+import torch
+
+from c2f.data import SpeechImageCollator, load_demo
+from c2f.modeling_c2f import C2FSpeechImageModel
+from c2f.presets import tiny_config
+from c2f.training.feature_cache import ImageFeatureCache, backbone_fingerprint
+
+
+def test_cache_holds_the_frozen_tower_output_and_feeds_the_collator(tmp_path, processor):
+    model = C2FSpeechImageModel(tiny_config()).eval()
+    dataset = load_demo("validation").select(range(9))  # 3 images x 3 captions
+    cache = ImageFeatureCache.build(model.vision_model, processor, dataset, tmp_path)
+    assert len(cache) == 3
+    records = [dataset[i] for i in (0, 4)]
+    with torch.no_grad():
+        pixels = processor(images=[r["image"] for r in records])["pixel_values"]
+        expected = model.vision_model(pixel_values=pixels).last_hidden_state
+    cached = SpeechImageCollator(processor, image_features=cache)(records)
+    assert "pixel_values" not in cached and torch.equal(cached["image_hidden_states"], expected)
+    with torch.no_grad():
+        plain = SpeechImageCollator(processor)(records)
+        from_pixels = model(plain["input_values"], plain["pixel_values"], plain["attention_mask"]).logits_per_speech
+        from_cache = model(cached["input_values"], attention_mask=cached["attention_mask"],
+                           image_hidden_states=cached["image_hidden_states"]).logits_per_speech
+    assert torch.equal(from_pixels, from_cache)
+
+
+def test_another_backbone_gets_another_cache_file(tmp_path, processor):
+    dataset = load_demo("validation").select(range(3))
+    first = C2FSpeechImageModel(tiny_config())
+    second = C2FSpeechImageModel(tiny_config())
+    with torch.no_grad():
+        second.vision_model.post_layernorm.bias.add_(0.5)
+    assert backbone_fingerprint(first.vision_model) != backbone_fingerprint(second.vision_model)
+    path_first = ImageFeatureCache.build(first.vision_model, processor, dataset, tmp_path).path
+    path_second = ImageFeatureCache.build(second.vision_model, processor, dataset, tmp_path).path
+    assert path_first != path_second and path_first.exists() and path_second.exists()
+    # A rebuild with the same backbone reuses the file.
+    again = ImageFeatureCache.build(first.vision_model, processor, dataset, tmp_path)
+    assert again.path == path_first
