@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["c2f", "c2f.*"]),
     include_package_data=True,
-    package_data={"c2f": ["demo_data/**/*"]},
+    package_data={"c2f": ["demo_data/**/*", "metrics/*.py"]},
     install_requires=[
         # Users bring their own torch build (CPU or CUDA); no exact pin.
         "torch>=2.4",

@@ -175,34 +175,37 @@ def load_speech_image_dataset(name: str, split: str, data_dir: str | None = None
     return load_hub_dataset(name, split)
 
 
-def _check_audio(value) -> str | None:
+def _file_of(value, kind: str) -> tuple[str | None, str | None]:
+    """(path to check, problem). In-memory values (bytes, PIL images) have no file to check."""
+    if isinstance(value, Image.Image) or (isinstance(value, dict) and value.get("bytes") is not None):
+        return None, None
     if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return None
         value = value.get("path")
     if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
-        return f"audio {value}: missing"
+        return None, f"{kind} {value}: missing"
+    return value, None
+
+
+def _check_audio(value) -> str | None:
+    path, problem = _file_of(value, "audio")
+    if path is None:
+        return problem
     try:
-        info = soundfile.info(value)
+        info = soundfile.info(path)
     except Exception as error:  # soundfile raises several types
-        return f"audio {value}: unreadable ({error})"
-    return f"audio {value}: empty" if info.frames == 0 else None
+        return f"audio {path}: unreadable ({error})"
+    return f"audio {path}: empty" if info.frames == 0 else None
 
 
 def _check_image(value) -> str | None:
-    if isinstance(value, Image.Image):
-        return None
-    if isinstance(value, dict):
-        if value.get("bytes") is not None:
-            return None
-        value = value.get("path")
-    if not isinstance(value, (str, os.PathLike)) or not os.path.isfile(value):
-        return f"image {value}: missing"
+    path, problem = _file_of(value, "image")
+    if path is None:
+        return problem
     try:
-        with Image.open(value) as image:
+        with Image.open(path) as image:
             image.verify()
     except Exception as error:  # PIL raises several types
-        return f"image {value}: unreadable ({error})"
+        return f"image {path}: unreadable ({error})"
     return None
 
 

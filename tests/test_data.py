@@ -113,3 +113,27 @@ def test_collator_batches_demo_records(processor):
     batch = SpeechImageCollator(processor)(records)
     assert batch["input_values"].shape[0] == 3 and batch["pixel_values"].shape == (3, 3, 64, 64)
     assert batch["image_ids"].dtype == torch.long and batch["attention_mask"].sum(dim=1).min() > 8000
+
+
+def test_hub_style_dataset_with_audio_and_image_features(tmp_path, processor):
+    from datasets import Audio, Dataset, DatasetDict, Features, Image as ImageFeature, Value
+
+    _wav(tmp_path / "a.wav"); _wav(tmp_path / "b.wav", seconds=0.5)
+    _jpg(tmp_path / "x.png"); _jpg(tmp_path / "y.png", color="blue")
+    # datasets imports torchcodec to *encode* audio, so build the column as Arrow storage and cast it: this is the
+    # shape a downloaded Hub dataset has.
+    storage = Features({"audio": {"bytes": Value("binary"), "path": Value("string")}, "image": ImageFeature(),
+                        "image_id": Value("int64")})
+    rows = {"audio": [{"path": str(p), "bytes": p.read_bytes()} for p in (tmp_path / "a.wav", tmp_path / "b.wav")],
+            "image": [str(tmp_path / "x.png"), str(tmp_path / "y.png")], "image_id": [10, 11]}
+    hub_dataset = Dataset.from_dict(rows, features=storage).cast_column("audio", Audio(decode=False))
+    DatasetDict({"test": hub_dataset}).save_to_disk(tmp_path / "hub")
+    dataset = load_speech_image_dataset(str(tmp_path / "hub"), "test")
+    validate_records(dataset, "hub test")
+    batch = SpeechImageCollator(processor)([dataset[0], dataset[1]])
+    assert batch["attention_mask"].sum(dim=1).tolist() == [4800, 8000]
+    assert batch["image_ids"].tolist() == [10, 11] and batch["pixel_values"].shape == (2, 3, 64, 64)
+    Dataset.from_dict({"audio": ["a.wav"]}).save_to_disk(tmp_path / "bad" / "test")
+    (tmp_path / "bad" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['image', 'image_id'\]"):
+        load_speech_image_dataset(str(tmp_path / "bad"), "test")

@@ -29,3 +29,19 @@ def test_recall_metrics_on_a_hand_computed_similarity_matrix():
 def test_a_query_without_any_correct_item_is_an_error():
     with pytest.raises(ValueError, match="correct item"):
         ranks_of_first_hit(torch.rand(2, 3), torch.tensor([[True, False, False], [False, False, False]]))
+
+
+def test_local_evaluate_module_matches_the_library_function(tmp_path, monkeypatch):
+    import evaluate
+
+    from c2f.metrics import RETRIEVAL_RECALL_PATH
+
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path))
+    metric = evaluate.load(RETRIEVAL_RECALL_PATH)
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.1], [0.3, 0.1, 0.5], [0.0, 0.1, 0.7]])
+    speech_ids, gallery_ids = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2])
+    result = metric.compute(predictions=scores.tolist(), references=speech_ids.tolist(), gallery_image_ids=gallery_ids.tolist())
+    expected = recall_metrics(scores, scores.t(), speech_ids, gallery_ids)
+    assert result.keys() == expected.keys()
+    assert all(result[name] == pytest.approx(expected[name]) for name in expected)
+    assert result["s2i_R@1"] == pytest.approx(50.0)
