@@ -18,7 +18,7 @@ import torch
 import transformers
 from transformers import AutoProcessor, HfArgumentParser
 
-from c2f import C2FProcessor, C2FSpeechImageModel
+from c2f import C2FProcessor, C2FSpeechImageModel, save_for_pipeline
 from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records
 from c2f.hub import build_model_card, push_folder
 from c2f.presets import tiny_config, tiny_processor
@@ -59,7 +59,7 @@ class RunArguments(C2FTrainingArguments):
     """Defaults sized for the demo on a laptop CPU; pass the design-card values for real data."""
 
     output_dir: str = field(default="outputs/c2f-demo")
-    num_train_epochs: float = field(default=6.0)
+    num_train_epochs: float = field(default=4.0)
     per_device_train_batch_size: int = field(default=32)
     per_device_eval_batch_size: int = field(default=64)
     # Measured on the demo: at 4e-4 and above Adam's first steps collapse the randomly initialised towers onto one
@@ -156,8 +156,8 @@ def main(argv=None):
     if train is not None:
         trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
         trainer.save_model(training_args.output_dir)
-        if trainer.is_world_process_zero():
-            processor.save_pretrained(training_args.output_dir)
+        if trainer.is_world_process_zero():  # + processor + pipeline code, for pipeline(..., model=output_dir)
+            save_for_pipeline(trainer.accelerator.unwrap_model(trainer.model), processor, training_args.output_dir)
 
     def retrieval_metrics(dataset, label, prefix):
         metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)

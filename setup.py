@@ -29,10 +29,15 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8"],
+        "dev": ["pytest>=8", "faiss-cpu>=1.8"],
         "faiss": ["faiss-cpu>=1.8"],
     },
-    entry_points={"console_scripts": []},
+    entry_points={
+        "console_scripts": [
+            "c2f-index = c2f.cli:index_entry_point",
+            "c2f-search = c2f.cli:search_entry_point",
+        ]
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Scientific/Engineering :: Artificial Intelligence",

@@ -5,9 +5,11 @@ Importing `c2f` registers the model with the Auto classes (so `AutoModel.from_pr
 """
 
 from transformers import AutoConfig, AutoModel, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_c2f import C2FConfig
 from .modeling_c2f import C2FImageOutput, C2FOutput, C2FSpeechImageModel, C2FSpeechOutput
+from .pipeline_c2f import TASK, SpeechImageRetrievalPipeline
 from .processing_c2f import C2FProcessor
 
 __version__ = "0.1.0"
@@ -18,6 +20,14 @@ AutoProcessor.register(C2FConfig, C2FProcessor, exist_ok=True)
 C2FConfig.register_for_auto_class()
 C2FSpeechImageModel.register_for_auto_class("AutoModel")
 C2FProcessor.register_for_auto_class()
+PIPELINE_REGISTRY.register_pipeline(TASK, pipeline_class=SpeechImageRetrievalPipeline, pt_model=AutoModel, type="multimodal")
+
+
+def save_for_pipeline(model, processor, save_directory) -> None:
+    """Save model, processor and the pipeline code so that `pipeline("speech-image-retrieval", model=dir,
+    trust_remote_code=True)` works anywhere. (A pipeline's own save does not write the processor.)"""
+    SpeechImageRetrievalPipeline(model=model, processor=processor).save_pretrained(save_directory)
+    processor.save_pretrained(save_directory)
 
 __all__ = [
     "C2FConfig",
@@ -26,4 +36,6 @@ __all__ = [
     "C2FProcessor",
     "C2FSpeechImageModel",
     "C2FSpeechOutput",
+    "SpeechImageRetrievalPipeline",
+    "save_for_pipeline",
 ]

@@ -74,24 +74,6 @@ def _flat_speech_tokens(chunks):
 
 
 @torch.no_grad()
-def rerank(model, coarse: torch.Tensor, query_is_speech: bool, speech_tokens, speech_mask, image_tokens, k: int, batch_size: int = 64):
-    """Re-score each row's top-k by SIM logit + SIC similarity (as BLIP does); the rest keep their coarse order below."""
-    k = min(k, coarse.shape[1])
-    fine = coarse - coarse.max() + coarse.min() - 1e4  # everything outside the top-k ranks below it, in coarse order
-    top_scores, top_index = coarse.topk(k, dim=1)
-    rows = torch.arange(coarse.shape[0], device=coarse.device).repeat_interleave(k)
-    cols = top_index.reshape(-1)
-    speech_index, image_index = (rows, cols) if query_is_speech else (cols, rows)
-    scores = []
-    for start in range(0, len(rows), batch_size):
-        s, i = speech_index[start : start + batch_size], image_index[start : start + batch_size]
-        logits = model.match_logits(speech_tokens[s], speech_mask[s], image_tokens[i])
-        scores.append(logits[:, 1] - logits[:, 0])
-    fine[rows, cols] = torch.cat(scores).float() + top_scores.reshape(-1)
-    return fine
-
-
-@torch.no_grad()
 def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None = None, batch_size: int = 32) -> dict[str, float]:
     """Coarse (SIC) metrics, and SIM re-ranked metrics (prefixed `reranked_`) when `rerank_k` > 0."""
     was_training = model.training
@@ -103,8 +85,8 @@ def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None 
     if rerank_k > 0:
         speech_tokens, speech_mask = _flat_speech_tokens(encoded["speech_tokens"])
         args = (speech_tokens, speech_mask, encoded["image_tokens"], rerank_k)
-        s2i = rerank(model, coarse, True, *args)
-        i2s = rerank(model, coarse.t().contiguous(), False, *args)
+        s2i = model.rerank(coarse, *args, queries_are_speech=True)
+        i2s = model.rerank(coarse.t().contiguous(), *args, queries_are_speech=False)
         fine = recall_metrics(s2i, i2s, encoded["speech_image_ids"], encoded["gallery_image_ids"])
         metrics.update({f"reranked_{name}": value for name, value in fine.items()})
     model.train(was_training)

@@ -532,6 +532,39 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         )
         return logits.softmax(dim=-1)[:, 1]
 
+    @torch.no_grad()
+    def rerank(
+        self,
+        coarse_scores: torch.Tensor,
+        speech_tokens: torch.Tensor,
+        speech_token_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        k: int,
+        queries_are_speech: bool = True,
+        batch_size: int = 64,
+    ) -> torch.Tensor:
+        """Coarse-to-fine scores: each row's top-`k` candidates by `coarse_scores` are re-scored by SIM logit margin +
+        coarse score (as BLIP does); all others keep their coarse order below them.
+
+        `coarse_scores` is `[queries, candidates]`; token tensors are indexed by speech row / image row, so for
+        image queries (`queries_are_speech=False`) rows index images and columns index speech.
+        """
+        k = min(k, coarse_scores.shape[1])
+        if k == 0:
+            return coarse_scores.float()
+        fine = coarse_scores.float() - coarse_scores.max() + coarse_scores.min() - 1e4
+        top_scores, top_index = coarse_scores.topk(k, dim=1)
+        rows = torch.arange(coarse_scores.shape[0], device=coarse_scores.device).repeat_interleave(k)
+        cols = top_index.reshape(-1)
+        speech_index, image_index = (rows, cols) if queries_are_speech else (cols, rows)
+        margins = []
+        for start in range(0, len(rows), batch_size):
+            s, i = speech_index[start : start + batch_size], image_index[start : start + batch_size]
+            logits = self.match_logits(speech_tokens[s], speech_token_mask[s], image_tokens[i])
+            margins.append((logits[:, 1] - logits[:, 0]).float())
+        fine[rows, cols] = torch.cat(margins) + top_scores.reshape(-1).float()
+        return fine
+
     def _sim_loss_with_hard_negatives(
         self,
         speech_output: C2FSpeechOutput,

@@ -1,0 +1,100 @@
+"""Coarse search speed, recall and memory of SpeechImageIndex against faiss IndexFlatIP and a bare fp32 mm + topk,
+over galleries of random normalised 256-d embeddings, plus the SIM re-rank cost per query with the demo model.
+
+    python benchmarks/search_bench.py [--sizes 10000 100000 1000000] [--model outputs/c2f-demo]
+
+Everything is measured in this one run, on this machine; ratios are against faiss measured alongside.
+"""
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from c2f.retrieval import SpeechImageIndex, coarse_top_k
+
+DIM = 256
+
+
+def timed(function, repeats: int) -> float:
+    function()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1000
+
+
+def recall_at_10(found: torch.Tensor, exact: torch.Tensor) -> float:
+    return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
+
+
+def bench_size(size: int, repeats: int) -> dict:
+    import faiss
+
+    generator = torch.Generator().manual_seed(size)
+    gallery = torch.nn.functional.normalize(torch.randn(size, DIM, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(64, DIM, generator=generator), dim=1)
+    index = SpeechImageIndex(gallery, [{"id": str(i), "path": ""} for i in range(size)], "image", "bench")
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(gallery.numpy())
+    exact = (queries @ gallery.t()).topk(10, dim=1).indices
+    row = {"size": size}
+    for label, batch in (("1", queries[:1]), ("64", queries)):
+        row[f"index_{label}"] = timed(lambda: index.search_embeddings(batch, 10), repeats)
+        row[f"faiss_{label}"] = timed(lambda: flat.search(batch.numpy(), 10), repeats)
+        row[f"torch_{label}"] = timed(lambda: (batch @ gallery.t()).topk(10, dim=1), repeats)
+    row["recall"] = recall_at_10(index.search_embeddings(queries, 10)[1], exact)
+    row["mb_per_million"] = index.embeddings.element_size() * index.embeddings.nelement() / 2**20 * (1_000_000 / size)
+    with tempfile.TemporaryDirectory() as folder:
+        index.save(folder)
+        row["load_ms"] = timed(lambda: SpeechImageIndex.load(folder), 3)
+    return row
+
+
+def bench_rerank(model_dir: str, ks=(16, 64, 128)) -> list[tuple[int, float]]:
+    from transformers import AutoProcessor
+
+    from c2f.data import load_demo
+    from c2f.modeling_c2f import C2FSpeechImageModel
+
+    model = C2FSpeechImageModel.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    test = load_demo("test")
+    images = sorted(set(test["image"]))
+    index = SpeechImageIndex.build(model, processor, images, "image", progress=False)
+    query = test[0]["audio"]
+    base = timed(lambda: index.search(model, processor, query, top_k=10, rerank_k=0), 5)
+    return [(k, timed(lambda: index.search(model, processor, query, top_k=10, rerank_k=k), 5) - base) for k in ks if k <= len(images)]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--model", default="outputs/c2f-demo", help="a trained c2f folder for the re-rank cost")
+    args = parser.parse_args()
+    print(f"threads: {torch.get_num_threads()}")
+    print("| gallery | index 1 q (ms) | faiss 1 q | torch fp32 1 q | index 64 q (ms) | faiss 64 q | torch fp32 64 q | "
+          "vs faiss 1 q / 64 q | recall@10 | MB per 1M | load (ms) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for size in args.sizes:
+        r = bench_size(size, args.repeats)
+        print(f"| {size:,} | {r['index_1']:.1f} | {r['faiss_1']:.1f} | {r['torch_1']:.1f} | {r['index_64']:.1f} | "
+              f"{r['faiss_64']:.1f} | {r['torch_64']:.1f} | {r['faiss_1'] / r['index_1']:.1f}x / "
+              f"{r['faiss_64'] / r['index_64']:.1f}x | {r['recall']:.3f} | {r['mb_per_million']:.0f} | {r['load_ms']:.0f} |", flush=True)
+    if os.path.isdir(args.model):
+        print("\n| SIM re-rank depth k | extra ms per query (demo model, 64 px images re-encoded from files) |")
+        print("|---|---|")
+        for k, extra in bench_rerank(args.model):
+            print(f"| {k} | {extra:.0f} |")
+    else:
+        print(f"\n(no model at {args.model}: skipped the re-rank cost; train one with run_retrieval.py)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,191 @@
+"""Command-line tools: `c2f-index` builds and edits a gallery index, `c2f-search` queries it and draws the results.
+
+    c2f-index build --model DIR --images FOLDER --out INDEX      (or --audios FOLDER for an index of recordings)
+    c2f-index add --index INDEX FILE...        c2f-index remove --index INDEX ID...
+    c2f-search --index INDEX query.wav [--top-k 5] [--rerank-k 16] [--png out.png | --html out.html]
+"""
+
+import argparse
+import base64
+import html
+import io
+import json
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from .retrieval import METADATA_FILE, SpeechImageIndex
+
+THUMBNAIL = 160
+
+
+def _load_model(model_dir: str):
+    from transformers import AutoProcessor
+
+    from .modeling_c2f import C2FSpeechImageModel
+
+    try:
+        model = C2FSpeechImageModel.from_pretrained(model_dir).eval()
+        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+    except OSError as error:
+        raise ValueError(f"cannot load a c2f model from {model_dir}: {error}") from error
+    return model, processor
+
+
+def _model_dir_of(index_dir: str, override: str | None) -> str:
+    if override:
+        return override
+    metadata = json.loads((Path(index_dir) / METADATA_FILE).read_text()) if (Path(index_dir) / METADATA_FILE).is_file() else {}
+    if not metadata.get("model_path"):
+        raise ValueError(f"{index_dir} does not record its model; pass --model")
+    return metadata["model_path"]
+
+
+def _record_model_path(index_dir: str, model_dir: str) -> None:
+    path = Path(index_dir) / METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata["model_path"] = str(Path(model_dir).resolve())
+    path.write_text(json.dumps(metadata))
+
+
+def index_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="c2f-index", description="Build or edit a c2f gallery index.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    build = commands.add_parser("build", help="embed every image (or recording) of a folder")
+    build.add_argument("--model", required=True, help="a trained c2f folder")
+    source = build.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="folder of images: search it with spoken queries")
+    source.add_argument("--audios", help="folder of recordings: search it with images")
+    build.add_argument("--out", required=True, help="index folder to write")
+    build.add_argument("--batch-size", type=int, default=32)
+    add = commands.add_parser("add", help="embed and append files")
+    add.add_argument("--index", required=True)
+    add.add_argument("--model")
+    add.add_argument("files", nargs="+")
+    remove = commands.add_parser("remove", help="drop items by id (their path, unless built with other ids)")
+    remove.add_argument("--index", required=True)
+    remove.add_argument("ids", nargs="+")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "build":
+            model, processor = _load_model(args.model)
+            modality, folder = ("image", args.images) if args.images else ("audio", args.audios)
+            index = SpeechImageIndex.build(model, processor, folder, modality, batch_size=args.batch_size)
+            index.save(args.out)
+            _record_model_path(args.out, args.model)
+            print(f"indexed {len(index)} {modality}s -> {args.out}")
+        elif args.command == "add":
+            model_dir = _model_dir_of(args.index, args.model)
+            model, processor = _load_model(model_dir)
+            index = SpeechImageIndex.load(args.index)
+            index.add(model, processor, args.files)
+            index.save(args.index)
+            _record_model_path(args.index, model_dir)
+            print(f"index now holds {len(index)} items")
+        else:
+            index = SpeechImageIndex.load(args.index)
+            model_path = _model_dir_of(args.index, None) if (Path(args.index) / METADATA_FILE).is_file() else None
+            index.remove(args.ids)
+            index.save(args.index)
+            if model_path:
+                _record_model_path(args.index, model_path)
+            print(f"index now holds {len(index)} items")
+    except (ValueError, KeyError) as error:
+        print(f"c2f-index: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _transcript_of(query: str, given: str | None) -> str | None:
+    if given:
+        return given
+    sidecar = Path(query).with_suffix(".txt")
+    return sidecar.read_text().strip() if sidecar.is_file() else None
+
+
+def _thumbnail(path: str) -> Image.Image:
+    with Image.open(path) as image:
+        thumb = image.convert("RGB")
+    thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+    canvas = Image.new("RGB", (THUMBNAIL, THUMBNAIL), "white")
+    canvas.paste(thumb, ((THUMBNAIL - thumb.width) // 2, (THUMBNAIL - thumb.height) // 2))
+    return canvas
+
+
+def _label(result: dict, rank: int) -> str:
+    match = f"  match {result['match_score']:.2f}" if "match_score" in result else ""
+    return f"#{rank} cos {result['coarse_score']:.2f}{match}"
+
+
+def render_png(query: str, transcript: str | None, results: list[dict], out: str, columns: int = 5) -> None:
+    """A grid of the top images with rank and scores under each, the query (and its transcript) on top."""
+    rows = (len(results) + columns - 1) // columns
+    header, caption = 44, 18
+    width = columns * (THUMBNAIL + 8) + 8
+    sheet = Image.new("RGB", (width, header + rows * (THUMBNAIL + caption + 8) + 8), "white")
+    draw = ImageDraw.Draw(sheet)
+    draw.text((8, 6), f"query: {Path(query).name}", fill="black")
+    draw.text((8, 24), f'"{transcript}"' if transcript else "(no transcript)", fill="dimgray")
+    for rank, result in enumerate(results, start=1):
+        row, column = divmod(rank - 1, columns)
+        x, y = 8 + column * (THUMBNAIL + 8), header + row * (THUMBNAIL + caption + 8)
+        sheet.paste(_thumbnail(result["path"]), (x, y))
+        draw.text((x, y + THUMBNAIL + 3), _label(result, rank), fill="black")
+    sheet.save(out)
+
+
+def render_html(query: str, transcript: str | None, results: list[dict], out: str) -> None:
+    """A self-contained page (thumbnails inlined) of the ranked images."""
+    cells = []
+    for rank, result in enumerate(results, start=1):
+        buffer = io.BytesIO()
+        _thumbnail(result["path"]).save(buffer, format="PNG")
+        data = base64.b64encode(buffer.getvalue()).decode()
+        cells.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(result["id"])}">'
+                     f"<figcaption>{html.escape(_label(result, rank))}<br><small>{html.escape(result['id'])}</small>"
+                     "</figcaption></figure>")
+    said = f"<p><q>{html.escape(transcript)}</q></p>" if transcript else "<p>(no transcript)</p>"
+    page = ("<!doctype html><meta charset='utf-8'><title>c2f search</title>"
+            "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;text-align:center}</style>"
+            f"<h1>{html.escape(Path(query).name)}</h1>{said}{''.join(cells)}")
+    Path(out).write_text(page)
+
+
+def search_main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="c2f-search", description="Search a c2f index with a spoken query (or an image).")
+    parser.add_argument("--index", required=True)
+    parser.add_argument("query", help="an audio file (image index) or an image file (audio index)")
+    parser.add_argument("--model", help="the c2f folder (default: the one the index was built with)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--rerank-k", type=int, default=None, help="SIM re-rank depth (default: the model's k_test; 0: coarse only)")
+    parser.add_argument("--transcript", help="what the query says, shown in the picture (default: QUERY.txt if present)")
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--png", help="write a grid of the top images")
+    output.add_argument("--html", help="write a page of the top images")
+    args = parser.parse_args(argv)
+    try:
+        index = SpeechImageIndex.load(args.index)
+        model, processor = _load_model(_model_dir_of(args.index, args.model))
+        results = index.search(model, processor, args.query, top_k=args.top_k, rerank_k=args.rerank_k)[0]
+        for rank, result in enumerate(results, start=1):
+            print(f"{rank}\t{result['score']:.3f}\t{result['id']}")
+        if args.png or args.html:
+            if index.modality != "image":
+                raise ValueError("--png/--html draw images: use them with an image index")
+            transcript = _transcript_of(args.query, args.transcript)
+            (render_png if args.png else render_html)(args.query, transcript, results, args.png or args.html)
+    except (ValueError, KeyError) as error:
+        print(f"c2f-search: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _exit(main):
+    def run():
+        sys.exit(main())
+    return run
+
+
+index_entry_point = _exit(index_main)
+search_entry_point = _exit(search_main)

@@ -1,0 +1,280 @@
+"""A searchable gallery of images (or recordings) for a c2f model: coarse search by one matrix product over stored
+embeddings, then SIM re-rank of the top candidates.
+
+On disk an index is a folder: `embeddings.safetensors` (float16 `[items, embed_dim]`, half the bytes of float32 and
+read memory-mapped) and `index.json` (the modality, a fingerprint of the model that built it, and one record per item:
+id, path, extra fields). No pickle.
+
+The SIM head needs the candidates' token sequences, not just their pooled embeddings. Storing them would cost
+`(1 + patches) x vision_hidden` floats per image (257 x 1408 for BLIP-2's ViT-g: 700 KB in float16, 700 GB per
+million images), so the index stores paths and re-encodes the `rerank_k` candidates of each query from their files.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
+EMBEDDINGS_FILE, METADATA_FILE = "embeddings.safetensors", "index.json"
+# Rows per chunk of the coarse product: bounds the float32 score buffer to chunk x queries.
+CHUNK_ROWS = 262_144
+# Up to this many queries the float16 matrix-vector kernel wins; above it a float32 matrix product over upcast chunks
+# (measured in benchmarks/search_bench.py).
+SMALL_BATCH = 4
+
+
+def model_fingerprint(model) -> str:
+    """Identifies the embedding space: the config and both projections. An index built with one model is useless
+    with another, and fails loudly rather than returning noise."""
+    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for module in (model.image_projection, model.speech_projection):
+        for tensor in module.state_dict().values():
+            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def list_media(folder: str | os.PathLike, modality: str) -> list[str]:
+    """Sorted media files under `folder` (recursively) for `modality` "image" or "audio"."""
+    suffixes = IMAGE_SUFFIXES if modality == "image" else AUDIO_SUFFIXES
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"{folder} is not a folder")
+    files = sorted(str(path) for path in folder.rglob("*") if path.suffix.lower() in suffixes)
+    if not files:
+        raise ValueError(f"{folder} holds no {modality} files (looked for {', '.join(suffixes)})")
+    return files
+
+
+def coarse_top_k(gallery: torch.Tensor, queries: torch.Tensor, top_k: int, chunk_rows: int = CHUNK_ROWS):
+    """Exact top-k inner products of `queries [Q, D]` against `gallery [N, D]` (float16), chunk by chunk.
+
+    Returns `(scores [Q, k] float32, indices [Q, k])`, best first.
+    """
+    top_k = min(top_k, len(gallery))
+    best_scores, best_index = None, None
+    for start in range(0, len(gallery), chunk_rows):
+        chunk = gallery[start : start + chunk_rows]
+        if len(queries) <= SMALL_BATCH:
+            scores = (queries.to(chunk.dtype) @ chunk.t()).float()
+        else:
+            scores = queries.float() @ chunk.float().t()
+        scores, index = scores.topk(min(top_k, len(chunk)), dim=1)
+        index += start
+        if best_scores is not None:
+            scores, order = torch.cat([best_scores, scores], dim=1).topk(top_k, dim=1)
+            index = torch.cat([best_index, index], dim=1).gather(1, order)
+        best_scores, best_index = scores, index
+    return best_scores, best_index
+
+
+class SpeechImageIndex:
+    """Embeddings + records of a gallery of one modality ("image" or "audio")."""
+
+    def __init__(self, embeddings: torch.Tensor, records: list[dict], modality: str, fingerprint: str):
+        if modality not in ("image", "audio"):
+            raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
+        if len(embeddings) != len(records):
+            raise ValueError(f"{len(embeddings)} embeddings but {len(records)} records")
+        self.embeddings = embeddings.to(torch.float16)
+        self.records = records
+        self.modality = modality
+        self.fingerprint = fingerprint
+        self.faiss_index = None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    # ------------------------------------------------------------------ building
+
+    @staticmethod
+    @torch.no_grad()
+    def encode(model, processor, paths: Sequence[str], modality: str, batch_size: int = 32, progress: bool = True) -> torch.Tensor:
+        device = next(model.parameters()).device
+        chunks = []
+        for start in tqdm(range(0, len(paths), batch_size), desc=f"embedding {modality}s", disable=not progress):
+            batch = paths[start : start + batch_size]
+            if modality == "image":
+                inputs = processor(images=batch)
+                chunks.append(model.get_image_features(inputs["pixel_values"].to(device)).cpu())
+            else:
+                inputs = processor(audio=batch)
+                chunks.append(model.get_speech_features(inputs["input_values"].to(device), inputs["attention_mask"].to(device)).cpu())
+        return torch.cat(chunks).to(torch.float16)
+
+    @classmethod
+    def build(cls, model, processor, items: str | os.PathLike | Iterable, modality: str = "image",
+              ids: Sequence[str] | None = None, batch_size: int = 32, progress: bool = True) -> "SpeechImageIndex":
+        """From a folder, a list of paths, or a `datasets` dataset with a column named after the modality."""
+        paths = cls._paths_of(items, modality)
+        model.eval()
+        embeddings = cls.encode(model, processor, paths, modality, batch_size, progress)
+        return cls(embeddings, cls._records(paths, ids), modality, model_fingerprint(model))
+
+    @staticmethod
+    def _paths_of(items, modality) -> list[str]:
+        if isinstance(items, (str, os.PathLike)):
+            return list_media(items, modality)
+        if hasattr(items, "column_names"):  # a datasets.Dataset
+            paths = []
+            for row, value in enumerate(items[modality]):
+                path = value.get("path") if isinstance(value, dict) else getattr(value, "filename", None) or value
+                if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+                    raise ValueError(
+                        f"dataset row {row}: the index needs the {modality} file's path (re-ranking re-reads it); "
+                        f"cast the column with decode=False or pass a list of paths"
+                    )
+                paths.append(os.fspath(path))
+            return paths
+        paths = [os.fspath(item) for item in items]
+        if not paths:
+            raise ValueError(f"no {modality} files given")
+        return paths
+
+    @staticmethod
+    def _records(paths: Sequence[str], ids: Sequence[str] | None) -> list[dict]:
+        ids = [str(i) for i in ids] if ids is not None else [str(p) for p in paths]
+        if len(ids) != len(paths) or len(set(ids)) != len(ids):
+            raise ValueError("ids must be unique and one per item")
+        return [{"id": item_id, "path": str(path)} for item_id, path in zip(ids, paths)]
+
+    def add(self, model, processor, items, ids: Sequence[str] | None = None, batch_size: int = 32) -> None:
+        """Embed and append new items; ids must not be in the index yet."""
+        self.check_model(model)
+        paths = self._paths_of(items, self.modality)
+        records = self._records(paths, ids)
+        taken = {record["id"] for record in self.records} & {record["id"] for record in records}
+        if taken:
+            raise ValueError(f"{len(taken)} id(s) are already in the index, e.g. {sorted(taken)[:3]}")
+        model.eval()
+        new = self.encode(model, processor, paths, self.modality, batch_size, progress=False)
+        self.embeddings = torch.cat([self.embeddings, new])
+        self.records = self.records + records
+        self.faiss_index = None
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Drop items by id; returns how many were removed. Unknown ids are an error."""
+        ids = {str(i) for i in ids}
+        unknown = ids - {record["id"] for record in self.records}
+        if unknown:
+            raise KeyError(f"not in the index: {sorted(unknown)[:5]}")
+        keep = [row for row, record in enumerate(self.records) if record["id"] not in ids]
+        self.embeddings = self.embeddings[keep]
+        self.records = [self.records[row] for row in keep]
+        self.faiss_index = None
+        return len(ids)
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, folder: str | os.PathLike) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": self.embeddings.contiguous()}, str(folder / EMBEDDINGS_FILE) + ".tmp")
+        os.replace(str(folder / EMBEDDINGS_FILE) + ".tmp", folder / EMBEDDINGS_FILE)
+        metadata = {"format": 1, "modality": self.modality, "model_fingerprint": self.fingerprint,
+                    "embed_dim": self.embeddings.shape[1], "records": self.records}
+        (folder / (METADATA_FILE + ".tmp")).write_text(json.dumps(metadata))
+        os.replace(folder / (METADATA_FILE + ".tmp"), folder / METADATA_FILE)
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> "SpeechImageIndex":
+        folder = Path(folder)
+        for name in (EMBEDDINGS_FILE, METADATA_FILE):
+            if not (folder / name).is_file():
+                raise ValueError(f"{folder} is not a c2f index: {name} is missing")
+        metadata = json.loads((folder / METADATA_FILE).read_text())
+        with safe_open(str(folder / EMBEDDINGS_FILE), framework="pt") as handle:
+            embeddings = handle.get_tensor("embeddings")
+        if len(embeddings) != len(metadata["records"]):
+            raise ValueError(f"{folder}: {len(embeddings)} embeddings but {len(metadata['records'])} records")
+        return cls(embeddings, metadata["records"], metadata["modality"], metadata["model_fingerprint"])
+
+    def check_model(self, model) -> None:
+        fingerprint = model_fingerprint(model)
+        if fingerprint != self.fingerprint:
+            raise ValueError(
+                f"this index was built with another model (fingerprint {self.fingerprint}, this model {fingerprint}); "
+                "rebuild it with `c2f-index build` for this model"
+            )
+
+    # ------------------------------------------------------------------ search
+
+    def use_faiss(self) -> None:
+        """Exact inner-product search with faiss (`pip install c2f[faiss]`); same results as the default kernel."""
+        try:
+            import faiss
+        except ImportError as error:
+            raise ImportError("faiss is not installed: pip install 'c2f[faiss]'") from error
+        self.faiss_index = faiss.IndexFlatIP(self.embeddings.shape[1])
+        self.faiss_index.add(self.embeddings.float().numpy())
+
+    def search_embeddings(self, queries: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`."""
+        queries = queries.reshape(-1, self.embeddings.shape[1]).detach().cpu()
+        if self.faiss_index is not None:
+            scores, index = self.faiss_index.search(queries.float().numpy(), min(top_k, len(self)))
+            return torch.from_numpy(scores), torch.from_numpy(index)
+        return coarse_top_k(self.embeddings, queries, top_k)
+
+    @torch.no_grad()
+    def search(self, model, processor, queries, top_k: int = 5, rerank_k: int | None = None, sampling_rate: int | None = None) -> list[list[dict]]:
+        """Queries of the other modality (audio for an image index, images for an audio index) -> for each query a
+        ranked list of `{"score", "coarse_score", "match_score"?, "id", "path", "index"}`."""
+        self.check_model(model)
+        model.eval()
+        device = next(model.parameters()).device
+        single = isinstance(queries, (str, os.PathLike, dict)) or (hasattr(queries, "ndim") and queries.ndim == 1) or hasattr(queries, "convert")
+        queries = [queries] if single else list(queries)
+        rerank_k = model.config.k_test if rerank_k is None else rerank_k
+        speech_queries = self.modality == "image"
+        if speech_queries:
+            inputs = processor(audio=queries, sampling_rate=sampling_rate)
+            query_output = model.encode_speech(inputs["input_values"].to(device), inputs["attention_mask"].to(device))
+            query_embeds = query_output.speech_embeds
+        else:
+            inputs = processor(images=queries)
+            query_output = model.encode_image(inputs["pixel_values"].to(device))
+            query_embeds = query_output.image_embeds
+        depth = max(top_k, rerank_k)
+        coarse, candidates = self.search_embeddings(query_embeds, depth)
+        results = []
+        for row in range(len(queries)):
+            scores = coarse[row : row + 1].to(device)
+            match = [None] * scores.shape[1]
+            if rerank_k > 0:
+                paths = [self.records[i]["path"] for i in candidates[row, :rerank_k].tolist()]
+                scores = self._rerank_row(model, processor, query_output, row, paths, scores, rerank_k, speech_queries)
+                fine = scores[0, :rerank_k] - coarse[row, :rerank_k].to(device)
+                match[:rerank_k] = torch.sigmoid(fine).tolist()
+            order = scores[0].argsort(descending=True)[:top_k].tolist()
+            results.append([
+                {"score": float(scores[0, j]), "coarse_score": float(coarse[row, j]), "index": int(candidates[row, j]),
+                 **({"match_score": match[j]} if match[j] is not None else {}),
+                 **self.records[int(candidates[row, j])]}
+                for j in order
+            ])
+        return results
+
+    def _rerank_row(self, model, processor, query_output, row, paths, scores, rerank_k, speech_queries):
+        """Scores for this row's candidates: the first `rerank_k` (the coarse best, in order) re-scored by the SIM head
+        from their re-encoded files (tokens are not stored), the rest below them in coarse order."""
+        device = scores.device
+        if speech_queries:
+            images = model.encode_image(processor(images=paths)["pixel_values"].to(device))
+            tokens = query_output.speech_tokens[row : row + 1], query_output.speech_token_mask[row : row + 1], images.image_tokens
+        else:
+            audio = processor(audio=paths)
+            speech = model.encode_speech(audio["input_values"].to(device), audio["attention_mask"].to(device))
+            tokens = speech.speech_tokens, speech.speech_token_mask, query_output.image_tokens[row : row + 1]
+        fine = model.rerank(scores[:, :rerank_k], *tokens, rerank_k, queries_are_speech=speech_queries)
+        rest = scores[:, rerank_k:].float()
+        if rest.numel():
+            rest = rest - rest.max() + fine.min() - 1.0
+        return torch.cat([fine, rest], dim=1)

@@ -1,0 +1,130 @@
+"""The gallery index and the command-line tools, on a tiny random model and generated files."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from c2f import save_for_pipeline
+from c2f.cli import index_main, search_main
+from c2f.modeling_c2f import C2FSpeechImageModel
+from c2f.presets import tiny_config
+from c2f.retrieval import SpeechImageIndex, coarse_top_k
+
+
+@pytest.fixture
+def folders(tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "images" / "sub").mkdir(parents=True)
+    (tmp_path / "audio").mkdir()
+    for number in range(12):
+        folder = tmp_path / "images" / ("sub" if number % 2 else "")
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(folder / f"img{number:02d}.png")
+    for number in range(6):
+        soundfile.write(tmp_path / "audio" / f"q{number}.wav", rng.standard_normal(4000 + 500 * number).astype(np.float32) * 0.1, 16000)
+    (tmp_path / "audio" / "q0.txt").write_text("a big red circle")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+def test_chunked_coarse_search_equals_brute_force():
+    gallery = torch.nn.functional.normalize(torch.randn(1000, 32), dim=1).half()
+    for queries in (gallery[:1].float(), torch.nn.functional.normalize(torch.randn(9, 32), dim=1)):
+        scores, index = coarse_top_k(gallery, queries, top_k=7, chunk_rows=128)
+        exact = (queries.float() @ gallery.float().t()).topk(7, dim=1)
+        assert torch.equal(index, exact.indices) and torch.allclose(scores, exact.values, atol=1e-3)
+
+
+def test_index_round_trip_search_add_remove(tmp_path, folders, model, processor):
+    model.eval()
+    index = SpeechImageIndex.build(model, processor, folders / "images", "image", batch_size=5, progress=False)
+    assert len(index) == 12 and index.embeddings.dtype == torch.float16
+    index.save(tmp_path / "index")
+    loaded = SpeechImageIndex.load(tmp_path / "index")
+    assert torch.equal(loaded.embeddings, index.embeddings) and loaded.records == index.records
+
+    query = str(folders / "audio" / "q1.wav")
+    coarse = loaded.search(model, processor, query, top_k=12, rerank_k=0)[0]
+    with torch.no_grad():
+        inputs = processor(audio=[query])
+        speech = model.get_speech_features(inputs["input_values"], inputs["attention_mask"])
+        images = model.get_image_features(processor(images=[r["path"] for r in index.records])["pixel_values"])
+    brute = (speech @ images.t())[0].argsort(descending=True).tolist()
+    assert [r["index"] for r in coarse] == brute
+    fine = loaded.search(model, processor, [query, str(folders / "audio" / "q2.wav")], top_k=5, rerank_k=4)
+    assert len(fine) == 2 and all("match_score" in r for r in fine[0][:4]) and "match_score" not in fine[0][4]
+    assert {r["index"] for r in fine[0][:4]} == {r["index"] for r in coarse[:4]}
+
+    new = folders / "new.png"
+    Image.new("RGB", (30, 30), "green").save(new)
+    loaded.add(model, processor, [str(new)], ids=["green"])
+    assert len(loaded) == 13 and loaded.records[-1] == {"id": "green", "path": str(new)}
+    with pytest.raises(ValueError, match="already in the index"):
+        loaded.add(model, processor, [str(new)], ids=["green"])
+    assert loaded.remove(["green", index.records[0]["id"]]) == 2 and len(loaded) == 11
+    with pytest.raises(KeyError, match="not in the index"):
+        loaded.remove(["nope"])
+
+
+def test_index_refuses_another_model_and_empty_folders(folders, model, processor):
+    index = SpeechImageIndex.build(model, processor, folders / "images", "image", progress=False)
+    other = C2FSpeechImageModel(tiny_config())
+    with pytest.raises(ValueError, match="built with another model"):
+        index.search(other, processor, str(folders / "audio" / "q0.wav"))
+    with pytest.raises(ValueError, match="holds no image files"):
+        SpeechImageIndex.build(model, processor, folders / "empty", "image")
+
+
+def test_faiss_backend_gives_the_same_top_k(folders, model, processor):
+    pytest.importorskip("faiss", reason="faiss is an optional extra")
+    index = SpeechImageIndex.build(model, processor, folders / "images", "image", progress=False)
+    queries = torch.nn.functional.normalize(torch.randn(3, index.embeddings.shape[1]), dim=1)
+    default = index.search_embeddings(queries, 5)
+    index.use_faiss()
+    with_faiss = index.search_embeddings(queries, 5)
+    assert torch.equal(default[1], with_faiss[1]) and torch.allclose(default[0], with_faiss[0], atol=1e-3)
+
+
+def test_cli_build_search_and_draw(tmp_path, folders, model, processor, capsys):
+    model.eval()
+    save_for_pipeline(model, processor, tmp_path / "model")
+    assert index_main(["build", "--model", str(tmp_path / "model"), "--images", str(folders / "images"), "--out", str(tmp_path / "idx")]) == 0
+    assert json.loads((tmp_path / "idx" / "index.json").read_text())["model_path"].endswith("model")
+    query = str(folders / "audio" / "q0.wav")
+    assert search_main(["--index", str(tmp_path / "idx"), query, "--top-k", "4", "--png", str(tmp_path / "out.png")]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-4:]
+    assert [line.split("\t")[0] for line in printed] == ["1", "2", "3", "4"]
+    with Image.open(tmp_path / "out.png") as picture:
+        assert picture.width > 4 * 160 and picture.height > 160
+    assert search_main(["--index", str(tmp_path / "idx"), query, "--html", str(tmp_path / "out.html")]) == 0
+    page = (tmp_path / "out.html").read_text()
+    assert "a big red circle" in page and page.count("<figure>") == 5 and "data:image/png;base64," in page
+
+
+def test_cli_errors_are_clear(tmp_path, folders, model, processor, capsys):
+    save_for_pipeline(model, processor, tmp_path / "model")
+    assert index_main(["build", "--model", str(tmp_path / "model"), "--images", str(folders / "empty"), "--out", str(tmp_path / "idx")]) == 2
+    assert "holds no image files" in capsys.readouterr().err
+    index_main(["build", "--model", str(tmp_path / "model"), "--images", str(folders / "images"), "--out", str(tmp_path / "idx")])
+    save_for_pipeline(C2FSpeechImageModel(tiny_config()), processor, tmp_path / "other")
+    assert search_main(["--index", str(tmp_path / "idx"), "--model", str(tmp_path / "other"), str(folders / "audio" / "q0.wav")]) == 2
+    assert "built with another model" in capsys.readouterr().err
+    broken = folders / "broken.wav"
+    broken.write_text("not audio")
+    assert search_main(["--index", str(tmp_path / "idx"), str(broken)]) == 2
+    assert "could not be read as an audio file" in capsys.readouterr().err
+    assert search_main(["--index", str(tmp_path / "missing"), str(broken)]) == 2
+    assert "not a c2f index" in capsys.readouterr().err
+
+
+def test_index_from_a_dataset_column_of_paths(folders, model, processor):
+    from datasets import Dataset
+
+    paths = sorted(str(p) for p in (folders / "images").rglob("*.png"))[:4]
+    index = SpeechImageIndex.build(model, processor, Dataset.from_dict({"image": paths}), "image", progress=False)
+    assert [r["path"] for r in index.records] == paths
+    with pytest.raises(ValueError, match="row 0: the index needs the image file's path"):
+        SpeechImageIndex.build(model, processor, Dataset.from_dict({"image": ["/nope.png"]}), "image", progress=False)
