@@ -32,10 +32,12 @@ SMALL_BATCH = 4
 
 
 def model_fingerprint(model) -> str:
-    """Identifies the embedding space: the config and both projections. An index built with one model is useless
-    with another, and fails loudly rather than returning noise."""
-    digest = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for module in (model.image_projection, model.speech_projection):
+    """Identifies the embedding space by the weights that end each tower. An index built with one model is useless
+    with another, and fails loudly rather than returning noise. (Not the config: transformers fills in fields such as
+    the attention implementation at the first forward pass.)"""
+    digest = hashlib.sha256(str(model.config.embed_dim).encode())
+    for module in (model.image_projection, model.speech_projection, model.speech_encoder.final_norm,
+                   model.vision_model.post_layernorm):
         for tensor in module.state_dict().values():
             digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]

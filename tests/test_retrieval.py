@@ -34,8 +34,12 @@ def test_chunked_coarse_search_equals_brute_force():
     gallery = torch.nn.functional.normalize(torch.randn(1000, 32), dim=1).half()
     for queries in (gallery[:1].float(), torch.nn.functional.normalize(torch.randn(9, 32), dim=1)):
         scores, index = coarse_top_k(gallery, queries, top_k=7, chunk_rows=128)
-        exact = (queries.float() @ gallery.float().t()).topk(7, dim=1)
-        assert torch.equal(index, exact.indices) and torch.allclose(scores, exact.values, atol=1e-3)
+        exact_scores = queries.float() @ gallery.float().t()
+        exact = exact_scores.topk(7, dim=1)
+        # The float16 kernel rounds scores to ~1e-3: items may swap only with a near-tie, never leave the top-k.
+        assert torch.allclose(scores, exact.values, atol=2e-3)
+        assert torch.allclose(exact_scores.gather(1, index), exact.values, atol=2e-3)
+        assert (index != exact.indices).float().mean() < 0.2
 
 
 def test_index_round_trip_search_add_remove(tmp_path, folders, model, processor):
@@ -128,3 +132,14 @@ def test_index_from_a_dataset_column_of_paths(folders, model, processor):
     assert [r["path"] for r in index.records] == paths
     with pytest.raises(ValueError, match="row 0: the index needs the image file's path"):
         SpeechImageIndex.build(model, processor, Dataset.from_dict({"image": ["/nope.png"]}), "image", progress=False)
+
+
+def test_fingerprint_is_stable_across_a_forward_pass_and_a_reload(tmp_path, model, batch):
+    from c2f.retrieval import model_fingerprint
+
+    model.save_pretrained(tmp_path)
+    fresh = C2FSpeechImageModel.from_pretrained(tmp_path)
+    before = model_fingerprint(fresh)
+    with torch.no_grad():
+        fresh(batch["input_values"], batch["pixel_values"], batch["attention_mask"])
+    assert model_fingerprint(fresh) == before == model_fingerprint(model)

@@ -104,9 +104,39 @@ def generate(out: Path = DEFAULT_OUT, seed: int = 0) -> None:
         print(f"{domain}: {len(records)} captions of {len({r['image_id'] for r in records})} images -> {out / domain}")
 
 
+def preview(data: Path, out: Path, per_domain: int = 4, scale: int = 2) -> None:
+    """A picture of a few images per domain with their captions, for the README."""
+    from PIL import Image, ImageDraw
+
+    picks = []
+    for domain in ("demo", "demo-shifted"):
+        records = [json.loads(line) for line in (data / domain / "metadata.jsonl").read_text().splitlines()]
+        seen, chosen = set(), []
+        for record in records:
+            if record["image_id"] not in seen and len(record["caption"].split()) > 4 and len(chosen) < per_domain:
+                seen.add(record["image_id"])
+                chosen.append((domain, record))
+        picks += chosen
+    cell, text_height, width = 64 * scale, 34, 300
+    sheet = Image.new("RGB", (width * 4, (cell + text_height + 10) * ((len(picks) + 3) // 4)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for number, (domain, record) in enumerate(picks):
+        x, y = (number % 4) * width, (number // 4) * (cell + text_height + 10)
+        with Image.open(data / domain / record["image"]) as image:
+            sheet.paste(image.resize((cell, cell), Image.NEAREST), (x + (width - cell) // 2, y + 4))
+        words = f"{domain}/{record['split']}: {record['caption']}".split()
+        lines = [" ".join(words[: len(words) // 2 + 1]), " ".join(words[len(words) // 2 + 1 :])]
+        draw.multiline_text((x + 6, y + cell + 8), "\n".join(lines), fill="black", spacing=2)
+    sheet.save(out)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: the package's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--preview", type=Path, help="only draw a PNG of a few items of an existing dataset at --out")
     args = parser.parse_args(argv)
-    generate(args.out, args.seed)
+    if args.preview:
+        preview(args.out, args.preview)
+    else:
+        generate(args.out, args.seed)
