@@ -107,7 +107,9 @@ def _transcript_of(query: str, given: str | None) -> str | None:
 def _thumbnail(path: str) -> Image.Image:
     with Image.open(path) as image:
         thumb = image.convert("RGB")
-    thumb.thumbnail((THUMBNAIL, THUMBNAIL))
+    scale = THUMBNAIL / max(thumb.size)  # small images are scaled up too, so every cell is filled
+    size = (max(1, round(thumb.width * scale)), max(1, round(thumb.height * scale)))
+    thumb = thumb.resize(size, Image.NEAREST if scale > 1 else Image.LANCZOS)
     canvas = Image.new("RGB", (THUMBNAIL, THUMBNAIL), "white")
     canvas.paste(thumb, ((THUMBNAIL - thumb.width) // 2, (THUMBNAIL - thumb.height) // 2))
     return canvas
@@ -115,7 +117,7 @@ def _thumbnail(path: str) -> Image.Image:
 
 def _label(result: dict, rank: int) -> str:
     match = f"  match {result['match_score']:.2f}" if "match_score" in result else ""
-    return f"#{rank} cos {result['coarse_score']:.2f}{match}"
+    return f"#{rank} cos {result['coarse_score']:.3f}{match}"
 
 
 def render_png(query: str, transcript: str | None, results: list[dict], out: str, columns: int = 5) -> None:

@@ -51,7 +51,7 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
     assert calls == {"create_repo": "someone/c2f-tiny", "upload_folder": "someone/c2f-tiny"}
     names = {path.name for path in uploaded.iterdir()}
     assert {"model.safetensors", "config.json", "processor_config.json", "configuration_c2f.py", "modeling_c2f.py",
-            "processing_c2f.py", "README.md"} <= names
+            "processing_c2f.py", "pipeline_c2f.py", "README.md"} <= names
     assert "image_features" not in names and "training_args.bin" not in names  # no pickles on the Hub
     card = (uploaded / "README.md").read_text()
     metadata = yaml.safe_load(card.split("---")[1])
