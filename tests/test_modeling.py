@@ -173,6 +173,17 @@ def test_from_backbones_loads_the_pretrained_weights(tmp_path, config, vision_la
         vision = Blip2VisionModel(config.vision_config)
         vision.load_state_dict(blip2.vision_model.state_dict())
         vision.save_pretrained(tmp_path / "blip2")
+    # The checkpoints' own preprocessing configs, as on the Hub.
+    from transformers import Wav2Vec2FeatureExtractor
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    from c2f.processing_c2f import C2FProcessor
+
+    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False).save_pretrained(tmp_path / "hubert")
+    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "blip2")
+    processor = C2FProcessor.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "blip2"))
+    assert processor.feature_extractor.do_normalize is False
+    assert processor(images=[torch.zeros(3, 50, 50)])["pixel_values"].shape == (1, 3, 32, 32)
     model = C2FSpeechImageModel.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "blip2"), embed_dim=32, k_test=5)
     assert model.config.embed_dim == 32 and model.config.k_test == 5
     for name, tensor in hubert.state_dict().items():
