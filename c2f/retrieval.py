@@ -26,9 +26,10 @@ AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 EMBEDDINGS_FILE, METADATA_FILE = "embeddings.safetensors", "index.json"
 # Rows per chunk of the coarse product: bounds the float32 score buffer to chunk x queries.
 CHUNK_ROWS = 262_144
-# Up to this many queries the float16 matrix-vector kernel wins; above it a float32 matrix product over upcast chunks
-# (measured in benchmarks/search_bench.py).
-SMALL_BATCH = 4
+# Up to this many queries the float16 product wins (it is bandwidth-bound, and half the bytes); above it this CPU's
+# missing fast half-precision GEMM makes a float32 product over upcast chunks faster. Measured on 1M x 256, 2 cores:
+# 1 query 66 ms fp16 vs 161 ms fp32; 8 queries 487 vs 797 ms; 64 queries 3.5 s vs 1.6 s.
+SMALL_BATCH = 8
 
 
 def model_fingerprint(model) -> str:
