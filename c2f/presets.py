@@ -4,7 +4,7 @@ from .configuration_c2f import C2FConfig
 
 
 def tiny_config(**overrides) -> C2FConfig:
-    """A C2F model small enough to train on a laptop CPU in minutes (about 0.4M parameters).
+    """A C2F model small enough to train on a laptop CPU in minutes (0.28M parameters).
 
     HuBERT keeps its 320x convolutional downsampling (20 ms frames) but with narrow channels; the vision tower sees
     64 px images in 8 px patches.
