@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from c2f.retrieval import SpeechImageIndex, coarse_top_k
+from c2f.retrieval import SpeechImageIndex
 
 DIM = 256
 

@@ -9,7 +9,6 @@ training starts, so a broken file fails in seconds with its name, not at step 3,
 import csv
 import json
 import os
-import re
 from collections.abc import Iterable
 from pathlib import Path
 
