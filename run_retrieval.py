@@ -106,13 +106,18 @@ def build_model_and_processor(model_args: ModelArguments):
     return C2FSpeechImageModel(config), tiny_processor(config.vision_config.image_size)
 
 
+def recall_cells(metrics: dict[str, float], prefix: str = "") -> list[str]:
+    """"R@1 / R@5 / R@10" for speech->image and image->speech."""
+    return [" / ".join(f"{metrics[f'{prefix}{d}_R@{k}']:.1f}" for k in (1, 5, 10)) for d in ("s2i", "i2s")]
+
+
 def format_results(results: dict[str, dict[str, float]]) -> str:
     lines = ["| eval | ranking | S→I R@1 / R@5 / R@10 | I→S R@1 / R@5 / R@10 |", "|---|---|---|---|"]
     for name, metrics in results.items():
         for label, prefix in (("coarse (SIC)", ""), ("re-ranked (SIM)", "reranked_")):
             if f"{prefix}s2i_R@1" not in metrics:
                 continue
-            cells = [" / ".join(f"{metrics[f'{prefix}{d}_R@{k}']:.1f}" for k in (1, 5, 10)) for d in ("s2i", "i2s")]
+            cells = recall_cells(metrics, prefix)
             lines.append(f"| {name} | {label} | {cells[0]} | {cells[1]} |")
     return "\n".join(lines)
 

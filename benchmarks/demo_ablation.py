@@ -48,7 +48,7 @@ def main():
         results = run_retrieval.main(["--output_dir", str(folder), "--disable_tqdm", "true", *flags, *extra])
         minutes = (time.perf_counter() - start) / 60
         metrics = results["demo test"]
-        cells = [" / ".join(f"{metrics[f'{prefix}{d}_R@{k}']:.1f}" for k in (1, 5, 10)) for d in ("s2i", "i2s")]
+        cells = run_retrieval.recall_cells(metrics, prefix)
         rows.append(f"| {name} | {cells[0]} | {cells[1]} | {minutes:.1f} |")
         print(rows[-1], flush=True)
     print("\n| variant | S→I R@1/5/10 | I→S R@1/5/10 | train + eval minutes |")

@@ -36,6 +36,14 @@ def _integer_ids(keys: Iterable[str]) -> dict[str, int]:
     return {key: number for number, key in enumerate(sorted(set(keys)))}
 
 
+def first_row_of_each_image(dataset: Dataset) -> dict[int, int]:
+    """`{image_id: first row showing it}`, in order of first appearance: one row per distinct image."""
+    first_row = {}
+    for row, image_id in enumerate(dataset["image_id"]):
+        first_row.setdefault(int(image_id), row)
+    return first_row
+
+
 def load_manifest(path: str | os.PathLike, split: str | None = None) -> Dataset:
     """A JSONL or CSV manifest with `audio`, `image` and `image_id` (+ optional caption, speaker, split) per row.
 

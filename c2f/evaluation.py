@@ -4,7 +4,7 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from .data import SpeechImageCollator
+from .data import SpeechImageCollator, first_row_of_each_image
 from .modeling_c2f import C2FSpeechImageModel
 from .processing_c2f import C2FProcessor
 
@@ -39,9 +39,7 @@ def encode_for_retrieval(model: C2FSpeechImageModel, dataset: Dataset, processor
     """Embeddings and SIM tokens for every caption and every distinct image of `dataset`."""
     device = next(model.parameters()).device
     collator = SpeechImageCollator(processor)
-    first_of_image = {}
-    for index, image_id in enumerate(dataset["image_id"]):
-        first_of_image.setdefault(int(image_id), index)
+    first_of_image = first_row_of_each_image(dataset)
     speech, images = [], []
     for rows, sink, encode in (
         (range(len(dataset)), speech, lambda b: model.encode_speech(b["input_values"].to(device), b["attention_mask"].to(device))),
