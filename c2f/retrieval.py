@@ -34,8 +34,8 @@ SMALL_BATCH = 8
 
 def model_fingerprint(model) -> str:
     """Identifies the embedding space by the weights that end each tower. An index built with one model is useless
-    with another, and fails loudly rather than returning noise. (Not the config: transformers fills in fields such as
-    the attention implementation at the first forward pass.)"""
+    with another, and fails loudly rather than returning noise. (Not the config: it records the path the model was
+    loaded from, so the same model loaded by a relative and by an absolute path would differ.)"""
     digest = hashlib.sha256(str(model.config.embed_dim).encode())
     for module in (model.image_projection, model.speech_projection, model.speech_encoder.final_norm,
                    model.vision_model.post_layernorm):

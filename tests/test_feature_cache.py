@@ -38,3 +38,14 @@ def test_another_backbone_gets_another_cache_file(tmp_path, processor):
     # A rebuild with the same backbone reuses the file.
     again = ImageFeatureCache.build(first.vision_model, processor, dataset, tmp_path)
     assert again.path == path_first
+
+
+def test_the_same_tower_loaded_from_another_path_keeps_its_fingerprint(tmp_path, monkeypatch):
+    from transformers import Blip2VisionModel
+
+    C2FSpeechImageModel(tiny_config()).vision_model.save_pretrained(tmp_path / "tower")
+    monkeypatch.chdir(tmp_path)
+    relative = Blip2VisionModel.from_pretrained("tower")
+    absolute = Blip2VisionModel.from_pretrained(str(tmp_path / "tower"))
+    assert relative.config.to_dict()["_name_or_path"] != absolute.config.to_dict()["_name_or_path"]
+    assert backbone_fingerprint(relative) == backbone_fingerprint(absolute)

@@ -17,11 +17,14 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..data import first_row_of_each_image
 from ..processing_c2f import C2FProcessor
 
 
 def backbone_fingerprint(vision_model: torch.nn.Module) -> str:
-    digest = hashlib.sha256(json.dumps(vision_model.config.to_dict(), sort_keys=True, default=str).encode())
+    # The config minus where it was loaded from: the same tower read from another path is the same tower.
+    config = {key: value for key, value in vision_model.config.to_dict().items() if key != "_name_or_path"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vision_model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -54,9 +57,7 @@ class ImageFeatureCache:
               tag: str = "train", batch_size: int = 32) -> "ImageFeatureCache":
         """Compute (or reuse) the features of every distinct image of `dataset`."""
         path = Path(cache_dir) / f"image_features-{tag}-{backbone_fingerprint(vision_model)}.safetensors"
-        first_row = {}
-        for row, image_id in enumerate(dataset["image_id"]):
-            first_row.setdefault(int(image_id), row)
+        first_row = first_row_of_each_image(dataset)
         if path.is_file():
             cache = cls(path)
             if all(image_id in cache for image_id in first_row):
