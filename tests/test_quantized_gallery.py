@@ -1,0 +1,79 @@
+"""The int8 gallery: storage precision, exact top-k against brute force (including when the int8 scan cannot tell the
+best rows apart), and clear errors for broken files."""
+
+import pytest
+import torch
+
+import c2f.quantized_gallery as quantized_gallery
+from c2f.quantized_gallery import QuantizedEmbeddings
+
+
+def brute_force(queries, gallery: QuantizedEmbeddings, top_k):
+    return (queries @ gallery.dequantize().t()).topk(top_k, dim=1)
+
+
+def count_scans(monkeypatch) -> list:
+    scans = []
+    original = QuantizedEmbeddings._approximate_chunks
+
+    def counted(self, *args):
+        scans.append(len(args[0]))
+        return original(self, *args)
+
+    monkeypatch.setattr(QuantizedEmbeddings, "_approximate_chunks", counted)
+    return scans
+
+
+def test_two_planes_store_unit_rows_finer_than_float16():
+    rows = torch.nn.functional.normalize(torch.randn(500, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    rows[3] = 0
+    gallery = QuantizedEmbeddings.quantize(rows)
+    error = (gallery.dequantize() - rows).abs().max()
+    assert error < (rows.half().float() - rows).abs().max() / 4
+    assert error <= gallery.scales.max() / (2 * quantized_gallery.RESIDUAL_LEVELS) + 1e-7
+    assert torch.equal(gallery.dequantize()[3], torch.zeros(64))
+    codes_only = gallery.scales[:, None] * gallery.codes.float()
+    assert torch.allclose(gallery.code_norms, codes_only.norm(dim=1))
+    assert torch.allclose(gallery.residual_norms, (gallery.dequantize() - codes_only).norm(dim=1), atol=1e-7)
+
+
+def test_top_k_is_brute_force_in_chunks(monkeypatch):
+    generator = torch.Generator().manual_seed(1)
+    gallery = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator), dim=1))
+    queries = torch.nn.functional.normalize(torch.randn(9, 32, generator=generator), dim=1)
+    scans = count_scans(monkeypatch)
+    for batch in (queries[:1], queries):
+        scores, rows = gallery.top_k(batch, 7, chunk_scores=4000)
+        exact = brute_force(batch, gallery, 7)
+        assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
+    assert scans == [1, 9]  # one scan each: the short list was enough
+    scores, rows = gallery.top_k(queries[:2], 5000)
+    assert rows.shape == (2, 3000) and torch.equal(rows, brute_force(queries[:2], gallery, 3000).indices)
+
+
+def test_rows_the_int8_scan_cannot_separate_are_rescored(monkeypatch):
+    generator = torch.Generator().manual_seed(2)
+    center = torch.nn.functional.normalize(torch.randn(1, 48, generator=generator), dim=1)
+    # 600 rows within 1e-4 of each other (finer than the int8 step) beside 400 unrelated ones: the scan's order among
+    # them is noise, and the exact best five are almost never all in its short list of 128.
+    near = center + 1e-4 * torch.randn(600, 48, generator=generator)
+    rows = torch.cat([torch.nn.functional.normalize(torch.randn(400, 48, generator=generator), dim=1), near])
+    gallery = QuantizedEmbeddings.quantize(rows)
+    query = center + 0.01 * torch.randn(1, 48, generator=generator)
+    scans = count_scans(monkeypatch)
+    scores, found = gallery.top_k(query, 5, chunk_scores=256)
+    exact = brute_force(query, gallery, 5)
+    assert torch.equal(found, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
+    assert scans == [1, 1]  # the bound asked for the second scan
+
+
+def test_broken_index_tensors_name_the_file_and_the_tensor():
+    tensors = QuantizedEmbeddings.quantize(torch.randn(4, 8)).tensors()
+    with pytest.raises(ValueError, match=r"idx/e\.safetensors: tensor 'scales' is missing"):
+        QuantizedEmbeddings.from_tensors({k: v for k, v in tensors.items() if k != "scales"}, "idx/e.safetensors")
+    with pytest.raises(ValueError, match="tensor 'codes' is torch.float32, expected torch.int8"):
+        QuantizedEmbeddings.from_tensors({**tensors, "codes": tensors["codes"].float()}, "f")
+    with pytest.raises(ValueError, match="disagree on the number of items"):
+        QuantizedEmbeddings.from_tensors({**tensors, "scales": tensors["scales"][:3]}, "f")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        QuantizedEmbeddings.quantize(torch.tensor([[0.5, float("nan")]]))
