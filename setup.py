@@ -23,6 +23,8 @@ setup(
         "huggingface_hub>=1.0",
         "safetensors>=0.4",
         "numpy>=1.24",
+        # The gallery index's int8 scan (c2f/quantized_gallery.py); librosa users have it already.
+        "numba>=0.60",
         "soundfile>=0.12",
         "soxr>=0.3",
         "pillow>=10",

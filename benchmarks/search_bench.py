@@ -49,11 +49,33 @@ def bench_size(size: int, repeats: int) -> dict:
         row[f"faiss_{label}"] = timed(lambda: flat.search(batch.numpy(), 10), repeats)
         row[f"torch_{label}"] = timed(lambda: (batch @ gallery.t()).topk(10, dim=1), repeats)
     row["recall"] = recall_at_10(index.search_embeddings(queries, 10)[1], exact)
-    row["mb_per_million"] = index.embeddings.element_size() * index.embeddings.nelement() / 2**20 * (1_000_000 / size)
+    stored = sum(tensor.element_size() * tensor.nelement() for tensor in index.gallery.tensors().values())
+    row["mb_per_million"] = stored / 1e6 * (1_000_000 / size)
     with tempfile.TemporaryDirectory() as folder:
         index.save(folder)
         row["load_ms"] = timed(lambda: SpeechImageIndex.load(folder), 3)
     return row
+
+
+def bench_kernels(size: int, repeats: int) -> list[tuple[int, float, float, float]]:
+    """Raw scoring kernels over one gallery, per batch size: the measurements behind the int8 storage."""
+    from c2f.quantized_gallery import CHUNK_SCORES, _int8_rows
+
+    generator = torch.Generator().manual_seed(size)
+    gallery = torch.nn.functional.normalize(torch.randn(size, DIM, generator=generator), dim=1)
+    half = gallery.half()
+    index = SpeechImageIndex(gallery, [{"id": str(i), "path": ""} for i in range(size)], "image", "bench")
+    rows = []
+    for batch in (1, 8, 64):
+        queries = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=generator), dim=1)
+        codes, scales = _int8_rows(queries)
+        rows.append((
+            batch,
+            timed(lambda: queries @ gallery.t(), repeats),
+            timed(lambda: queries.half() @ half.t(), repeats),
+            timed(lambda: list(index.gallery._approximate_chunks(codes, scales, CHUNK_SCORES)), repeats),
+        ))
+    return rows
 
 
 def bench_rerank(model_dir: str, ks=(16, 64, 128)) -> list[tuple[int, float]]:
@@ -80,13 +102,17 @@ def main():
     args = parser.parse_args()
     print(f"threads: {torch.get_num_threads()}")
     print("| gallery | index 1 q (ms) | faiss 1 q | torch fp32 1 q | index 64 q (ms) | faiss 64 q | torch fp32 64 q | "
-          "vs faiss 1 q / 64 q | recall@10 | MB per 1M | load (ms) |")
+          "vs faiss 1 q / 64 q | recall@10 | MB (10^6 bytes) per 1M | load (ms) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         r = bench_size(size, args.repeats)
         print(f"| {size:,} | {r['index_1']:.1f} | {r['faiss_1']:.1f} | {r['torch_1']:.1f} | {r['index_64']:.1f} | "
               f"{r['faiss_64']:.1f} | {r['torch_64']:.1f} | {r['faiss_1'] / r['index_1']:.1f}x / "
               f"{r['faiss_64'] / r['index_64']:.1f}x | {r['recall']:.3f} | {r['mb_per_million']:.0f} | {r['load_ms']:.0f} |", flush=True)
+    print(f"\n| queries | fp32 matmul (ms) | fp16 matmul | int8 scan (this index's first pass) |  ({max(args.sizes):,} rows, no top-k)")
+    print("|---|---|---|---|")
+    for batch, fp32, fp16, int8 in bench_kernels(max(args.sizes), 3):
+        print(f"| {batch} | {fp32:.1f} | {fp16:.1f} | {int8:.1f} |", flush=True)
     if os.path.isdir(args.model):
         print("\n| SIM re-rank depth k | extra ms per query (demo model, 64 px images re-encoded from files) |")
         print("|---|---|")

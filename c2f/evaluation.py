@@ -83,8 +83,8 @@ def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None 
     if rerank_k > 0:
         speech_tokens, speech_mask = _flat_speech_tokens(encoded["speech_tokens"])
         args = (speech_tokens, speech_mask, encoded["image_tokens"], rerank_k)
-        s2i = model.rerank(coarse, *args, queries_are_speech=True)
-        i2s = model.rerank(coarse.t().contiguous(), *args, queries_are_speech=False)
+        s2i = model.rerank(coarse, *args, queries_are_speech=True).scores
+        i2s = model.rerank(coarse.t().contiguous(), *args, queries_are_speech=False).scores
         fine = recall_metrics(s2i, i2s, encoded["speech_image_ids"], encoded["gallery_image_ids"])
         metrics.update({f"reranked_{name}": value for name, value in fine.items()})
     model.train(was_training)

@@ -148,6 +148,22 @@ class C2FImageOutput(ModelOutput):
 
 
 @dataclass
+class C2FRerankOutput(ModelOutput):
+    """Output of [`C2FSpeechImageModel.rerank`].
+
+    Args:
+        scores: `[queries, candidates]` coarse-to-fine ranking scores: each row's re-ranked candidates (SIM logit margin
+            + cosine) above all others, which keep their coarse order.
+        match_scores: `[queries, candidates]` SIM match probability of the re-ranked candidates, NaN for the others.
+        reranked: `[queries, candidates]` bool, True where the SIM head scored the pair.
+    """
+
+    scores: torch.Tensor | None = None
+    match_scores: torch.Tensor | None = None
+    reranked: torch.Tensor | None = None
+
+
+@dataclass
 class C2FOutput(ModelOutput):
     """Output of [`C2FSpeechImageModel.forward`].
 
@@ -542,7 +558,7 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         k: int,
         queries_are_speech: bool = True,
         batch_size: int = 64,
-    ) -> torch.Tensor:
+    ) -> C2FRerankOutput:
         """Coarse-to-fine scores: each row's top-`k` candidates by `coarse_scores` are re-scored by SIM logit margin +
         coarse score (as BLIP does); all others keep their coarse order below them.
 
@@ -550,8 +566,10 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         image queries (`queries_are_speech=False`) rows index images and columns index speech.
         """
         k = min(k, coarse_scores.shape[1])
+        reranked = torch.zeros_like(coarse_scores, dtype=torch.bool)
+        match = torch.full_like(coarse_scores, float("nan"), dtype=torch.float32)
         if k == 0:
-            return coarse_scores.float()
+            return C2FRerankOutput(scores=coarse_scores.float(), match_scores=match, reranked=reranked)
         fine = coarse_scores.float() - coarse_scores.max() + coarse_scores.min() - 1e4
         top_scores, top_index = coarse_scores.topk(k, dim=1)
         rows = torch.arange(coarse_scores.shape[0], device=coarse_scores.device).repeat_interleave(k)
@@ -562,8 +580,11 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             s, i = speech_index[start : start + batch_size], image_index[start : start + batch_size]
             logits = self.match_logits(speech_tokens[s], speech_token_mask[s], image_tokens[i])
             margins.append((logits[:, 1] - logits[:, 0]).float())
-        fine[rows, cols] = torch.cat(margins) + top_scores.reshape(-1).float()
-        return fine
+        margins = torch.cat(margins)
+        fine[rows, cols] = margins + top_scores.reshape(-1).float()
+        match[rows, cols] = torch.sigmoid(margins)  # = softmax(logits)[:, 1]
+        reranked[rows, cols] = True
+        return C2FRerankOutput(scores=fine, match_scores=match, reranked=reranked)
 
     def _sim_loss_with_hard_negatives(
         self,
@@ -692,6 +713,7 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
 __all__ = [
     "C2FImageOutput",
     "C2FOutput",
+    "C2FRerankOutput",
     "C2FPreTrainedModel",
     "C2FSpeechImageModel",
     "C2FSpeechOutput",

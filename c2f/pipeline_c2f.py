@@ -85,13 +85,10 @@ class SpeechImageRetrievalPipeline(Pipeline):
         if not model_inputs["speech_query"]:
             coarse = coarse.t()
         k = self.model.config.k_test if rerank_k is None else rerank_k
-        scores = self.model.rerank(coarse, speech.speech_tokens, speech.speech_token_mask, images.image_tokens, k,
+        ranked = self.model.rerank(coarse, speech.speech_tokens, speech.speech_token_mask, images.image_tokens, k,
                                    queries_are_speech=model_inputs["speech_query"])
-        # The SIM match probability of the re-scored candidates: their score is SIM logit margin + cosine.
-        match = torch.full_like(scores, float("nan"))
-        top = coarse.topk(min(k, coarse.shape[1]), dim=1).indices
-        match.scatter_(1, top, torch.sigmoid(scores.gather(1, top) - coarse.float().gather(1, top)))
-        return {"scores": scores[0], "coarse": coarse[0].float(), "match": match[0],
+        return {"scores": ranked.scores[0], "coarse": coarse[0].float(), "match": ranked.match_scores[0],
+                "reranked": ranked.reranked[0],
                 "candidates": model_inputs["candidates"], "speech_query": model_inputs["speech_query"]}
 
     def postprocess(self, model_outputs, top_k=5):
@@ -101,9 +98,8 @@ class SpeechImageRetrievalPipeline(Pipeline):
         results = []
         for index in order.tolist():
             result = {"score": float(scores[index]), "coarse_score": float(model_outputs["coarse"][index]), "index": index}
-            match = float(model_outputs["match"][index])
-            if match == match:  # not NaN: this candidate was re-ranked
-                result["match_score"] = match
+            if model_outputs["reranked"][index]:
+                result["match_score"] = float(model_outputs["match"][index])
             candidate = model_outputs["candidates"][index]
             if isinstance(candidate, (str, os.PathLike)):
                 result[key] = os.fspath(candidate)

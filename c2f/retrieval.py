@@ -1,9 +1,9 @@
-"""A searchable gallery of images (or recordings) for a c2f model: coarse search by one matrix product over stored
-embeddings, then SIM re-rank of the top candidates.
+"""A searchable gallery of images (or recordings) for a c2f model: exact coarse search over stored embeddings, then
+SIM re-rank of the top candidates.
 
-On disk an index is a folder: `embeddings.safetensors` (float16 `[items, embed_dim]`, half the bytes of float32 and
-read memory-mapped) and `index.json` (the modality, a fingerprint of the model that built it, and one record per item:
-id, path, extra fields). No pickle.
+On disk an index is a folder: `embeddings.safetensors` (the gallery as two int8 planes plus per-row scales, read
+memory-mapped; see `quantized_gallery` for why not float16) and `index.json` (the format, the modality, a fingerprint of
+the model that built it, and one record per item: id, path, extra fields). No pickle.
 
 The SIM head needs the candidates' token sequences, not just their pooled embeddings. Storing them would cost
 `(1 + patches) x vision_hidden` floats per image (257 x 1408 for BLIP-2's ViT-g: 700 KB in float16, 700 GB per
@@ -21,15 +21,12 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .quantized_gallery import QuantizedEmbeddings
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3", ".opus", ".aiff", ".aif")
 EMBEDDINGS_FILE, METADATA_FILE = "embeddings.safetensors", "index.json"
-# Rows per chunk of the coarse product: bounds the float32 score buffer to chunk x queries.
-CHUNK_ROWS = 262_144
-# Up to this many queries the float16 product wins (it is bandwidth-bound, and half the bytes); above it this CPU's
-# missing fast half-precision GEMM makes a float32 product over upcast chunks faster. Measured on 1M x 256, 2 cores:
-# 1 query 66 ms fp16 vs 161 ms fp32; 8 queries 487 vs 797 ms; 64 queries 3.5 s vs 1.6 s.
-SMALL_BATCH = 8
+INDEX_FORMAT = 2
 
 
 def model_fingerprint(model) -> str:
@@ -56,37 +53,15 @@ def list_media(folder: str | os.PathLike, modality: str) -> list[str]:
     return files
 
 
-def coarse_top_k(gallery: torch.Tensor, queries: torch.Tensor, top_k: int, chunk_rows: int = CHUNK_ROWS):
-    """Exact top-k inner products of `queries [Q, D]` against `gallery [N, D]` (float16), chunk by chunk.
-
-    Returns `(scores [Q, k] float32, indices [Q, k])`, best first.
-    """
-    top_k = min(top_k, len(gallery))
-    best_scores, best_index = None, None
-    for start in range(0, len(gallery), chunk_rows):
-        chunk = gallery[start : start + chunk_rows]
-        if len(queries) <= SMALL_BATCH:
-            scores = (queries.to(chunk.dtype) @ chunk.t()).float()
-        else:
-            scores = queries.float() @ chunk.float().t()
-        scores, index = scores.topk(min(top_k, len(chunk)), dim=1)
-        index += start
-        if best_scores is not None:
-            scores, order = torch.cat([best_scores, scores], dim=1).topk(top_k, dim=1)
-            index = torch.cat([best_index, index], dim=1).gather(1, order)
-        best_scores, best_index = scores, index
-    return best_scores, best_index
-
-
 class SpeechImageIndex:
     """Embeddings + records of a gallery of one modality ("image" or "audio")."""
 
-    def __init__(self, embeddings: torch.Tensor, records: list[dict], modality: str, fingerprint: str):
+    def __init__(self, embeddings: torch.Tensor | QuantizedEmbeddings, records: list[dict], modality: str, fingerprint: str):
         if modality not in ("image", "audio"):
             raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
         if len(embeddings) != len(records):
             raise ValueError(f"{len(embeddings)} embeddings but {len(records)} records")
-        self.embeddings = embeddings.to(torch.float16)
+        self.gallery = embeddings if isinstance(embeddings, QuantizedEmbeddings) else QuantizedEmbeddings.quantize(embeddings)
         self.records = records
         self.modality = modality
         self.fingerprint = fingerprint
@@ -94,6 +69,11 @@ class SpeechImageIndex:
 
     def __len__(self) -> int:
         return len(self.records)
+
+    @property
+    def embeddings(self) -> torch.Tensor:
+        """The stored embeddings as a float32 `[items, dim]` copy (within 6e-6 of what was added, for unit rows)."""
+        return self.gallery.dequantize()
 
     # ------------------------------------------------------------------ building
 
@@ -110,7 +90,7 @@ class SpeechImageIndex:
             else:
                 inputs = processor(audio=batch)
                 chunks.append(model.get_speech_features(inputs["input_values"].to(device), inputs["attention_mask"].to(device)).cpu())
-        return torch.cat(chunks).to(torch.float16)
+        return torch.cat(chunks)
 
     @classmethod
     def build(cls, model, processor, items: str | os.PathLike | Iterable, modality: str = "image",
@@ -158,7 +138,7 @@ class SpeechImageIndex:
             raise ValueError(f"{len(taken)} id(s) are already in the index, e.g. {sorted(taken)[:3]}")
         model.eval()
         new = self.encode(model, processor, paths, self.modality, batch_size, progress=False)
-        self.embeddings = torch.cat([self.embeddings, new])
+        self.gallery = self.gallery.concat(QuantizedEmbeddings.quantize(new))
         self.records = self.records + records
         self.faiss_index = None
 
@@ -169,7 +149,7 @@ class SpeechImageIndex:
         if unknown:
             raise KeyError(f"not in the index: {sorted(unknown)[:5]}")
         keep = [row for row, record in enumerate(self.records) if record["id"] not in ids]
-        self.embeddings = self.embeddings[keep]
+        self.gallery = self.gallery.select(torch.tensor(keep, dtype=torch.long))
         self.records = [self.records[row] for row in keep]
         self.faiss_index = None
         return len(ids)
@@ -179,10 +159,11 @@ class SpeechImageIndex:
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"embeddings": self.embeddings.contiguous()}, str(folder / EMBEDDINGS_FILE) + ".tmp")
+        tensors = {name: tensor.contiguous() for name, tensor in self.gallery.tensors().items()}
+        save_file(tensors, str(folder / EMBEDDINGS_FILE) + ".tmp")
         os.replace(str(folder / EMBEDDINGS_FILE) + ".tmp", folder / EMBEDDINGS_FILE)
-        metadata = {"format": 1, "modality": self.modality, "model_fingerprint": self.fingerprint,
-                    "embed_dim": self.embeddings.shape[1], "records": self.records}
+        metadata = {"format": INDEX_FORMAT, "modality": self.modality, "model_fingerprint": self.fingerprint,
+                    "embed_dim": self.gallery.dim, "records": self.records}
         (folder / (METADATA_FILE + ".tmp")).write_text(json.dumps(metadata))
         os.replace(folder / (METADATA_FILE + ".tmp"), folder / METADATA_FILE)
 
@@ -193,11 +174,15 @@ class SpeechImageIndex:
             if not (folder / name).is_file():
                 raise ValueError(f"{folder} is not a c2f index: {name} is missing")
         metadata = json.loads((folder / METADATA_FILE).read_text())
-        with safe_open(str(folder / EMBEDDINGS_FILE), framework="pt") as handle:
-            embeddings = handle.get_tensor("embeddings")
-        if len(embeddings) != len(metadata["records"]):
-            raise ValueError(f"{folder}: {len(embeddings)} embeddings but {len(metadata['records'])} records")
-        return cls(embeddings, metadata["records"], metadata["modality"], metadata["model_fingerprint"])
+        if metadata.get("format") != INDEX_FORMAT:
+            raise ValueError(f"{folder / METADATA_FILE}: index format {metadata.get('format')!r}, this c2f reads format "
+                             f"{INDEX_FORMAT}; rebuild the index with `c2f-index build`")
+        with safe_open(str(folder / EMBEDDINGS_FILE), framework="pt") as handle:  # memory-mapped, not read
+            gallery = QuantizedEmbeddings.from_tensors({name: handle.get_tensor(name) for name in handle.keys()},
+                                                       source=str(folder / EMBEDDINGS_FILE))
+        if len(gallery) != len(metadata["records"]):
+            raise ValueError(f"{folder}: {len(gallery)} embeddings but {len(metadata['records'])} records")
+        return cls(gallery, metadata["records"], metadata["modality"], metadata["model_fingerprint"])
 
     def check_model(self, model) -> None:
         fingerprint = model_fingerprint(model)
@@ -215,16 +200,16 @@ class SpeechImageIndex:
             import faiss
         except ImportError as error:
             raise ImportError("faiss is not installed: pip install 'c2f[faiss]'") from error
-        self.faiss_index = faiss.IndexFlatIP(self.embeddings.shape[1])
-        self.faiss_index.add(self.embeddings.float().numpy())
+        self.faiss_index = faiss.IndexFlatIP(self.gallery.dim)
+        self.faiss_index.add(self.embeddings.numpy())
 
     def search_embeddings(self, queries: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-        """Coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`."""
-        queries = queries.reshape(-1, self.embeddings.shape[1]).detach().cpu()
+        """Exact coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`."""
+        queries = queries.reshape(-1, self.gallery.dim).detach().cpu().float()
         if self.faiss_index is not None:
-            scores, index = self.faiss_index.search(queries.float().numpy(), min(top_k, len(self)))
+            scores, index = self.faiss_index.search(queries.numpy(), min(top_k, len(self)))
             return torch.from_numpy(scores), torch.from_numpy(index)
-        return coarse_top_k(self.embeddings, queries, top_k)
+        return self.gallery.top_k(queries, top_k)
 
     @torch.no_grad()
     def search(self, model, processor, queries, top_k: int = 5, rerank_k: int | None = None, sampling_rate: int | None = None) -> list[list[dict]]:
@@ -253,9 +238,7 @@ class SpeechImageIndex:
             match = [None] * scores.shape[1]
             if rerank_k > 0:
                 paths = [self.records[i]["path"] for i in candidates[row, :rerank_k].tolist()]
-                scores = self._rerank_row(model, processor, query_output, row, paths, scores, rerank_k, speech_queries)
-                fine = scores[0, :rerank_k] - coarse[row, :rerank_k].to(device)
-                match[:rerank_k] = torch.sigmoid(fine).tolist()
+                scores, match[: len(paths)] = self._rerank_row(model, processor, query_output, row, paths, scores, speech_queries)
             order = scores[0].argsort(descending=True)[:top_k].tolist()
             results.append([
                 {"score": float(scores[0, j]), "coarse_score": float(coarse[row, j]), "index": int(candidates[row, j]),
@@ -265,9 +248,11 @@ class SpeechImageIndex:
             ])
         return results
 
-    def _rerank_row(self, model, processor, query_output, row, paths, scores, rerank_k, speech_queries):
-        """Scores for this row's candidates: the first `rerank_k` (the coarse best, in order) re-scored by the SIM head
-        from their re-encoded files (tokens are not stored), the rest below them in coarse order."""
+    def _rerank_row(self, model, processor, query_output, row, paths, scores, speech_queries):
+        """Scores for this row's candidates, and the SIM match probabilities of the first `len(paths)` (the coarse
+        best, in order), re-scored from their re-encoded files (tokens are not stored); the rest stay below them in
+        coarse order."""
+        rerank_k = len(paths)
         device = scores.device
         if speech_queries:
             images = model.encode_image(processor(images=paths)["pixel_values"].to(device))
@@ -276,8 +261,8 @@ class SpeechImageIndex:
             audio = processor(audio=paths)
             speech = model.encode_speech(audio["input_values"].to(device), audio["attention_mask"].to(device))
             tokens = speech.speech_tokens, speech.speech_token_mask, query_output.image_tokens[row : row + 1]
-        fine = model.rerank(scores[:, :rerank_k], *tokens, rerank_k, queries_are_speech=speech_queries)
+        ranked = model.rerank(scores[:, :rerank_k], *tokens, rerank_k, queries_are_speech=speech_queries)
         rest = scores[:, rerank_k:].float()
         if rest.numel():
-            rest = rest - rest.max() + fine.min() - 1.0
-        return torch.cat([fine, rest], dim=1)
+            rest = rest - rest.max() + ranked.scores.min() - 1.0
+        return torch.cat([ranked.scores, rest], dim=1), ranked.match_scores[0].tolist()

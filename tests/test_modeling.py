@@ -42,6 +42,29 @@ def test_public_feature_api_matches_forward(model, batch):
     assert scores.shape == (4,) and ((scores > 0) & (scores < 1)).all()
 
 
+def test_rerank_puts_sim_scored_candidates_first_with_their_match_probabilities(model, batch):
+    model.eval()
+    with torch.no_grad():
+        speech = model.encode_speech(batch["input_values"], batch["attention_mask"])
+        images = model.encode_image(batch["pixel_values"])
+        coarse = speech.speech_embeds @ images.image_embeds.t()
+        args = (speech.speech_tokens, speech.speech_token_mask, images.image_tokens, 2)
+        by_speech = model.rerank(coarse, *args, queries_are_speech=True)
+        by_image = model.rerank(coarse.t(), *args, queries_are_speech=False)
+        rows, cols = torch.arange(4).repeat_interleave(2), coarse.topk(2, dim=1).indices.reshape(-1)
+        logits = model.match_logits(speech.speech_tokens[rows], speech.speech_token_mask[rows], images.image_tokens[cols])
+    for ranked, scores in ((by_speech, coarse), (by_image, coarse.t())):
+        top = scores.topk(2, dim=1).indices
+        assert torch.equal(ranked.reranked.sum(dim=1), torch.full((4,), 2))
+        assert ranked.reranked.gather(1, top).all()
+        assert ranked.match_scores[~ranked.reranked].isnan().all()
+        assert (ranked.scores[ranked.reranked].min() > ranked.scores[~ranked.reranked].max())
+        margins = torch.logit(ranked.match_scores.gather(1, top))
+        assert torch.allclose(ranked.scores.gather(1, top), margins + scores.gather(1, top), atol=1e-4)
+    assert torch.allclose(by_speech.match_scores[rows, cols], logits.softmax(dim=-1)[:, 1], atol=1e-5)
+    assert not model.rerank(coarse, *args[:3], 0).reranked.any()
+
+
 def test_padding_does_not_change_a_clip_embedding_with_layer_norm_hubert(batch, processor):
     # feat_extract_norm="layer" HuBERT takes the attention mask, so padding must not leak into the embedding.
     model = C2FSpeechImageModel(tiny_config(speech_config=dict(tiny_config().speech_config.to_dict(), feat_extract_norm="layer", do_stable_layer_norm=True))).eval()
