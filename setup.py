@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="c2f",
@@ -10,7 +10,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["c2f", "c2f.*"]),
+    # Namespace discovery lists the demo-data folders as packages too, so setuptools ships their files without warnings.
+    packages=find_namespace_packages(include=["c2f", "c2f.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
     package_data={"c2f": ["demo_data/**/*", "metrics/*.py"]},
     install_requires=[
