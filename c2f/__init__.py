@@ -8,7 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_c2f import C2FConfig
-from .modeling_c2f import C2FImageOutput, C2FOutput, C2FSpeechImageModel, C2FSpeechOutput
+from .modeling_c2f import C2FImageOutput, C2FOutput, C2FRerankOutput, C2FSpeechImageModel, C2FSpeechOutput
 from .pipeline_c2f import TASK, SpeechImageRetrievalPipeline
 from .processing_c2f import C2FProcessor
 
@@ -33,6 +33,7 @@ __all__ = [
     "C2FConfig",
     "C2FImageOutput",
     "C2FOutput",
+    "C2FRerankOutput",
     "C2FProcessor",
     "C2FSpeechImageModel",
     "C2FSpeechOutput",
