@@ -13,6 +13,7 @@ million images), so the index stores paths and re-encodes the `rerank_k` candida
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -159,13 +160,14 @@ class SpeechImageIndex:
     def save(self, folder: str | os.PathLike) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {name: tensor.contiguous() for name, tensor in self.gallery.tensors().items()}
-        save_file(tensors, str(folder / EMBEDDINGS_FILE) + ".tmp")
-        os.replace(str(folder / EMBEDDINGS_FILE) + ".tmp", folder / EMBEDDINGS_FILE)
         metadata = {"format": INDEX_FORMAT, "modality": self.modality, "model_fingerprint": self.fingerprint,
                     "embed_dim": self.gallery.dim, "records": self.records}
-        (folder / (METADATA_FILE + ".tmp")).write_text(json.dumps(metadata))
-        os.replace(folder / (METADATA_FILE + ".tmp"), folder / METADATA_FILE)
+        metadata_tmp, embeddings_tmp = folder / (METADATA_FILE + ".tmp"), folder / (EMBEDDINGS_FILE + ".tmp")
+        metadata_tmp.write_text(json.dumps(metadata))
+        save_file({name: tensor.contiguous() for name, tensor in self.gallery.tensors().items()}, str(embeddings_tmp))
+        shutil.copymode(metadata_tmp, embeddings_tmp)  # safetensors creates files 0600; an index is shared like any file
+        os.replace(embeddings_tmp, folder / EMBEDDINGS_FILE)
+        os.replace(metadata_tmp, folder / METADATA_FILE)
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "SpeechImageIndex":
