@@ -1,5 +1,6 @@
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 
@@ -17,4 +18,5 @@ class C2FTrainingArguments(TrainingArguments):
     use_sim: bool = field(default=True, metadata={"help": "Train the SIM matching head with hard negatives."})
     use_distillation: bool = field(default=True, metadata={"help": "Mix momentum soft targets into the SIC targets."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the raw columns."})
+    dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in page-locked memory (default: only when CUDA is there, which is the only case it helps and the only one without a warning)."})
     average_tokens_across_devices: bool = field(default=False, metadata={"help": "Kept False: c2f's loss is a per-batch mean."})
