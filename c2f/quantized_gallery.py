@@ -29,6 +29,8 @@ SHORTLIST_MIN, SHORTLIST_PER_RESULT = 128, 4
 # Approximate scores held at once: bounds the scan's buffers (int32, then float32) to 128 MB whatever the batch and
 # gallery size.
 CHUNK_SCORES = 16 * 2**20
+# Rows dequantised at once when the bound asks for more than the short list (float32: 64 MB at 256-d).
+RESCORE_ROWS = 65_536
 TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.float32,
                  "code_norms": torch.float32, "residual_norms": torch.float32}
 _ROWS_PER_BLOCK = 64
@@ -182,14 +184,18 @@ class QuantizedEmbeddings:
         if shortlist == len(self):
             return best, best_rows
         # A row left out scanned at most kept_scores[:, -1]; if that plus the slack reaches the k-th exact score, the
-        # row might belong in the top-k: re-score every row the bound cannot rule out.
+        # row might belong in the top-k: re-score every row the bound cannot rule out (all of them, at worst, when
+        # the gallery's rows are closer together than the int8 step), a bounded piece at a time.
         for query in (kept_scores[:, -1] + slack >= best[:, -1]).nonzero().flatten().tolist():
             threshold = best[query, -1] - slack[query]
-            rows = torch.cat([
-                (scores[0] >= threshold).nonzero().flatten() + start
-                for start, scores in self._approximate_chunks(query_codes[query : query + 1], query_scales[query : query + 1], chunk_scores)
-            ])
-            exact = self._exact(queries[query : query + 1], rows[None])
-            best[query], order = exact[0].topk(top_k)
-            best_rows[query] = rows[order]
+            vector = queries[query : query + 1]
+            found_scores, found_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
+            for start, scores in self._approximate_chunks(query_codes[query : query + 1], query_scales[query : query + 1], chunk_scores):
+                candidates = (scores[0] >= threshold).nonzero().flatten() + start
+                for piece in candidates.split(RESCORE_ROWS):
+                    found_scores = torch.cat([found_scores, self._exact(vector, piece[None])[0]])
+                    found_rows = torch.cat([found_rows, piece])
+                    found_scores, order = found_scores.topk(min(top_k, len(found_scores)))
+                    found_rows = found_rows[order]
+            best[query], best_rows[query] = found_scores, found_rows
         return best, best_rows

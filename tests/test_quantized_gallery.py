@@ -61,6 +61,7 @@ def test_rows_the_int8_scan_cannot_separate_are_rescored(monkeypatch):
     gallery = QuantizedEmbeddings.quantize(rows)
     query = center + 0.01 * torch.randn(1, 48, generator=generator)
     scans = count_scans(monkeypatch)
+    monkeypatch.setattr(quantized_gallery, "RESCORE_ROWS", 50)  # re-score the doubtful rows in several pieces
     scores, found = gallery.top_k(query, 5, chunk_scores=256)
     exact = brute_force(query, gallery, 5)
     assert torch.equal(found, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
