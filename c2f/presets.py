@@ -4,7 +4,7 @@ from .configuration_c2f import C2FConfig
 
 
 def tiny_config(**overrides) -> C2FConfig:
-    """A C2F model small enough to train on a laptop CPU in minutes (0.28M parameters).
+    """A C2F model small enough to train on a laptop CPU in minutes (0.32M parameters).
 
     HuBERT keeps its 320x convolutional downsampling (20 ms frames) but with narrow channels; the vision tower sees
     64 px images in 8 px patches.
@@ -15,7 +15,13 @@ def tiny_config(**overrides) -> C2FConfig:
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=128,
-            conv_dim=(32, 32, 32, 32, 32, 32, 32),
+            # One wide first layer (25 ms windows, 10 ms hop: a learnable filterbank) instead of HuBERT's seven
+            # narrow ones; the total stride stays 320 (20 ms frames). From scratch it fits 85 demo images' captions to
+            # 100% in 160 steps where the seven-layer stack reached 38%, and runs 3x faster.
+            num_feat_extract_layers=3,
+            conv_dim=(64, 64, 64),
+            conv_kernel=(400, 3, 3),
+            conv_stride=(160, 2, 1),
             num_conv_pos_embeddings=16,
             num_conv_pos_embedding_groups=4,
             mask_time_prob=0.0,
@@ -34,8 +40,9 @@ def tiny_config(**overrides) -> C2FConfig:
             image_size=64,
             patch_size=8,
             # BLIP-2's default (1e-10) is meant to be overwritten by a checkpoint; a random tower built with it maps
-            # every image to the same features.
-            initializer_range=0.02,
+            # every image to the same features. 0.2 rather than the usual 0.02: random features that differ between
+            # images from the start (fitting 85 demo images: 98% in 200 steps, against 8% at 0.02).
+            initializer_range=0.2,
         ),
         speech_encoder_hidden_size=64,
         speech_encoder_num_layers=1,
@@ -48,6 +55,9 @@ def tiny_config(**overrides) -> C2FConfig:
         k_test=16,
         hidden_dropout=0.0,
         freeze_speech_feature_encoder=False,
+        # The c2f layers (speech encoder, projections, SIM) start wider than BERT's 0.02 too: SIC on 256 demo pairs
+        # reached 64% train R@1 in 160 steps, against 17% at 0.02.
+        initializer_range=0.1,
     )
     settings.update(overrides)
     return C2FConfig(**settings)

@@ -34,6 +34,10 @@ def main(out: str, per_device_batch: int):
         output_dir=out, max_steps=3, per_device_train_batch_size=per_device_batch, learning_rate=1e-3, queue_size=16,
         use_sim=False, logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=3,
         dataloader_num_workers=0, alpha_warmup_epochs=0.0,
+        # Attention key biases have a gradient of exactly zero in theory (softmax ignores a constant shift), so what
+        # they get is float noise that differs between 1 and 2 processes; Adam with eps 1e-8 turns that noise into
+        # steps of ~lr (1.7e-4 apart after 3 steps). A larger eps keeps pure noise from moving weights.
+        adam_epsilon=1e-6,
     )
     trainer = SequentialC2FTrainer(model=model, args=args, train_dataset=load_demo("validation").select(range(24)),
                                    data_collator=SpeechImageCollator(processor), processor=processor)

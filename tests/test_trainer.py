@@ -40,6 +40,21 @@ def test_training_fills_the_queue_and_updates_the_momentum_model(tmp_path):
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
 
 
+def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=4, momentum_start_epochs=0.5)  # 4 steps an epoch: they join at step 2
+    seen = []
+
+    def record(module, args, kwargs):
+        if module.training:
+            seen.append((kwargs["queue_speech_embeds"] is not None, kwargs["distill_alpha"]))
+
+    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    trainer.train()
+    assert [queue for queue, _ in seen] == [False, False, True, True]
+    assert [alpha for _, alpha in seen][:3] == [0.0, 0.0, 0.0] and seen[3][1] > 0  # the ramp starts at step 2
+    assert trainer.queue.filled == 8  # filled from the first step, so it is full when it joins
+
+
 @pytest.fixture
 def one_thread():
     """Multi-threaded CPU conv backward sums in a varying order; Adam turns those last-bit differences in near-zero

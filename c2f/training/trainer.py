@@ -86,13 +86,20 @@ class C2FTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
+    def _steps(self, epochs: float) -> float:
+        steps_per_epoch = self.state.max_steps / max(self.state.num_train_epochs, 1) if self.state.max_steps else 1
+        return epochs * steps_per_epoch
+
+    def momentum_started(self) -> bool:
+        return self.state.global_step >= self._steps(self.args.momentum_start_epochs)
+
     def current_alpha(self) -> float:
         args = self.args
-        if not args.use_distillation:
+        if not args.use_distillation or not self.momentum_started():
             return 0.0
-        steps_per_epoch = self.state.max_steps / max(self.state.num_train_epochs, 1) if self.state.max_steps else 1
-        warmup = args.alpha_warmup_epochs * steps_per_epoch
-        return args.distill_alpha * (min(1.0, self.state.global_step / warmup) if warmup > 0 else 1.0)
+        warmup = self._steps(args.alpha_warmup_epochs)
+        since = self.state.global_step - self._steps(args.momentum_start_epochs)
+        return args.distill_alpha * (min(1.0, since / warmup) if warmup > 0 else 1.0)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         return self.accelerator.gather(tensor.contiguous()) if self.accelerator.num_processes > 1 else tensor
@@ -102,7 +109,7 @@ class C2FTrainer(Trainer):
         args = self.args
         image_ids = inputs["image_ids"]
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
-        queue_keys = self.queue.keys() if self.queue is not None else None
+        queue_keys = self.queue.keys() if self.queue is not None and self.momentum_started() else None
         alpha = self.current_alpha()
         needs_momentum = self.queue is not None or alpha > 0
         if needs_momentum:  # the momentum features feed the queue and the soft targets; nothing else
