@@ -143,8 +143,8 @@ class QuantizedEmbeddings:
     # ------------------------------------------------------------------ search
 
     def _approximate_chunks(self, query_codes: torch.Tensor, query_scales: torch.Tensor, chunk_scores: int):
-        """Yields `(first_row, scores [Q, rows])` of the int8 scan, chunk by chunk; `scores` is reused by the next
-        chunk (allocating a fresh 64 MB buffer per chunk costs more in page faults than the scan)."""
+        """Yields `(first_row, scores [Q, rows])` of the int8 scan, chunk by chunk; `scores` is overwritten by the next
+        chunk (one buffer for all chunks, rather than a fresh 64 MB one that page-faults in every chunk)."""
         rows_per_chunk = min(len(self), max(1, chunk_scores // len(query_codes)))
         buffer = torch.empty(len(query_codes), rows_per_chunk)
         for start in range(0, len(self), rows_per_chunk):
@@ -163,8 +163,8 @@ class QuantizedEmbeddings:
         """Exact top-k inner products of `queries [Q, D]`: `(scores [Q, k] float32, rows [Q, k])`, best first."""
         queries = queries.detach().cpu().float().reshape(-1, self.dim)
         top_k = min(top_k, len(self))
-        if top_k == 0:
-            return torch.empty(len(queries), 0), torch.empty(len(queries), 0, dtype=torch.long)
+        if top_k == 0 or len(queries) == 0:
+            return torch.empty(len(queries), top_k), torch.empty(len(queries), top_k, dtype=torch.long)
         shortlist = min(len(self), max(SHORTLIST_MIN, SHORTLIST_PER_RESULT * top_k))
         query_codes, query_scales = _int8_rows(queries)
         rounding = (queries - query_scales[:, None] * query_codes.float()).norm(dim=1)

@@ -47,6 +47,7 @@ def test_top_k_is_brute_force_in_chunks(monkeypatch):
         exact = brute_force(batch, gallery, 7)
         assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
     assert scans == [1, 9]  # one scan each: the short list was enough
+    assert gallery.top_k(queries[:0], 7)[1].shape == (0, 7)
     scores, rows = gallery.top_k(queries[:2], 5000)
     assert rows.shape == (2, 3000) and torch.equal(rows, brute_force(queries[:2], gallery, 3000).indices)
 
