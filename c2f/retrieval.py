@@ -73,7 +73,8 @@ class SpeechImageIndex:
 
     @property
     def embeddings(self) -> torch.Tensor:
-        """The stored embeddings as a float32 `[items, dim]` copy (within 6e-6 of what was added, for unit rows)."""
+        """The stored embeddings as a float32 `[items, dim]` copy: each value within max|x| / 64,516 of what was added
+        (at most 5.5e-6 over 1M random unit rows)."""
         return self.gallery.dequantize()
 
     # ------------------------------------------------------------------ building
