@@ -9,13 +9,12 @@ import argparse
 import base64
 import html
 import io
-import json
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .retrieval import METADATA_FILE, SpeechImageIndex
+from .retrieval import SpeechImageIndex
 
 THUMBNAIL = 160
 
@@ -33,20 +32,12 @@ def _load_model(model_dir: str):
     return model, processor
 
 
-def _model_dir_of(index_dir: str, override: str | None) -> str:
+def _model_dir_of(index: SpeechImageIndex, index_dir: str, override: str | None) -> str:
     if override:
         return override
-    metadata = json.loads((Path(index_dir) / METADATA_FILE).read_text()) if (Path(index_dir) / METADATA_FILE).is_file() else {}
-    if not metadata.get("model_path"):
+    if not index.model_path:
         raise ValueError(f"{index_dir} does not record its model; pass --model")
-    return metadata["model_path"]
-
-
-def _record_model_path(index_dir: str, model_dir: str) -> None:
-    path = Path(index_dir) / METADATA_FILE
-    metadata = json.loads(path.read_text())
-    metadata["model_path"] = str(Path(model_dir).resolve())
-    path.write_text(json.dumps(metadata))
+    return index.model_path
 
 
 def index_main(argv=None) -> int:
@@ -72,24 +63,21 @@ def index_main(argv=None) -> int:
             model, processor = _load_model(args.model)
             modality, folder = ("image", args.images) if args.images else ("audio", args.audios)
             index = SpeechImageIndex.build(model, processor, folder, modality, batch_size=args.batch_size)
+            index.model_path = str(Path(args.model).resolve())
             index.save(args.out)
-            _record_model_path(args.out, args.model)
             print(f"indexed {len(index)} {modality}s -> {args.out}")
         elif args.command == "add":
-            model_dir = _model_dir_of(args.index, args.model)
-            model, processor = _load_model(model_dir)
             index = SpeechImageIndex.load(args.index)
+            model_dir = _model_dir_of(index, args.index, args.model)
+            model, processor = _load_model(model_dir)
             index.add(model, processor, args.files)
+            index.model_path = str(Path(model_dir).resolve())
             index.save(args.index)
-            _record_model_path(args.index, model_dir)
             print(f"index now holds {len(index)} items")
         else:
             index = SpeechImageIndex.load(args.index)
-            model_path = _model_dir_of(args.index, None) if (Path(args.index) / METADATA_FILE).is_file() else None
             index.remove(args.ids)
             index.save(args.index)
-            if model_path:
-                _record_model_path(args.index, model_path)
             print(f"index now holds {len(index)} items")
     except (ValueError, KeyError) as error:
         print(f"c2f-index: error: {error}", file=sys.stderr)
@@ -168,7 +156,7 @@ def search_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         index = SpeechImageIndex.load(args.index)
-        model, processor = _load_model(_model_dir_of(args.index, args.model))
+        model, processor = _load_model(_model_dir_of(index, args.index, args.model))
         results = index.search(model, processor, args.query, top_k=args.top_k, rerank_k=args.rerank_k)[0]
         for rank, result in enumerate(results, start=1):
             print(f"{rank}\t{result['score']:.3f}\t{result['id']}")

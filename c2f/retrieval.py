@@ -57,7 +57,8 @@ def list_media(folder: str | os.PathLike, modality: str) -> list[str]:
 class SpeechImageIndex:
     """Embeddings + records of a gallery of one modality ("image" or "audio")."""
 
-    def __init__(self, embeddings: torch.Tensor | QuantizedEmbeddings, records: list[dict], modality: str, fingerprint: str):
+    def __init__(self, embeddings: torch.Tensor | QuantizedEmbeddings, records: list[dict], modality: str, fingerprint: str,
+                 model_path: str | None = None):
         if modality not in ("image", "audio"):
             raise ValueError(f"modality must be 'image' or 'audio', got {modality!r}")
         if len(embeddings) != len(records):
@@ -66,6 +67,7 @@ class SpeechImageIndex:
         self.records = records
         self.modality = modality
         self.fingerprint = fingerprint
+        self.model_path = model_path  # where the model that built it lives, so the CLI can find it again
         self.faiss_index = None
 
     def __len__(self) -> int:
@@ -162,7 +164,7 @@ class SpeechImageIndex:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         metadata = {"format": INDEX_FORMAT, "modality": self.modality, "model_fingerprint": self.fingerprint,
-                    "embed_dim": self.gallery.dim, "records": self.records}
+                    "embed_dim": self.gallery.dim, "model_path": self.model_path, "records": self.records}
         metadata_tmp, embeddings_tmp = folder / (METADATA_FILE + ".tmp"), folder / (EMBEDDINGS_FILE + ".tmp")
         metadata_tmp.write_text(json.dumps(metadata))
         save_file({name: tensor.contiguous() for name, tensor in self.gallery.tensors().items()}, str(embeddings_tmp))
@@ -185,7 +187,7 @@ class SpeechImageIndex:
                                                        source=str(folder / EMBEDDINGS_FILE))
         if len(gallery) != len(metadata["records"]):
             raise ValueError(f"{folder}: {len(gallery)} embeddings but {len(metadata['records'])} records")
-        return cls(gallery, metadata["records"], metadata["modality"], metadata["model_fingerprint"])
+        return cls(gallery, metadata["records"], metadata["modality"], metadata["model_fingerprint"], metadata.get("model_path"))
 
     def check_model(self, model) -> None:
         fingerprint = model_fingerprint(model)

@@ -105,6 +105,12 @@ def test_cli_build_search_and_draw(tmp_path, folders, model, processor, capsys):
     assert search_main(["--index", str(tmp_path / "idx"), query, "--html", str(tmp_path / "out.html")]) == 0
     page = (tmp_path / "out.html").read_text()
     assert "a big red circle" in page and page.count("<figure>") == 5 and "data:image/png;base64," in page
+    # add and remove find the model from the index, and keep it recorded for the next search
+    Image.new("RGB", (30, 30), "green").save(tmp_path / "green.png")
+    assert index_main(["add", "--index", str(tmp_path / "idx"), str(tmp_path / "green.png")]) == 0
+    assert index_main(["remove", "--index", str(tmp_path / "idx"), str(tmp_path / "green.png")]) == 0
+    assert search_main(["--index", str(tmp_path / "idx"), query, "--top-k", "2"]) == 0
+    assert len(SpeechImageIndex.load(tmp_path / "idx")) == 12
 
 
 def test_cli_errors_are_clear(tmp_path, folders, model, processor, capsys):
