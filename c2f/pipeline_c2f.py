@@ -8,13 +8,12 @@ torch, transformers and the files beside it.
 
 import os
 
-import torch
 from transformers import Pipeline
 
 TASK = "speech-image-retrieval"
 
 
-def _is_batch(inputs) -> bool:
+def is_query_batch(inputs) -> bool:
     """A list/tuple of queries, as opposed to one query (a path, array, tensor, dict or image)."""
     return isinstance(inputs, (list, tuple))
 
@@ -55,7 +54,7 @@ class SpeechImageRetrievalPipeline(Pipeline):
 
     def __call__(self, inputs, **kwargs):
         """One query -> a ranked list of dicts; a list of queries -> a list of such lists."""
-        if _is_batch(inputs):
+        if is_query_batch(inputs):
             return [super(SpeechImageRetrievalPipeline, self).__call__(query, **kwargs) for query in inputs]
         return super().__call__(inputs, **kwargs)
 
@@ -107,4 +106,4 @@ class SpeechImageRetrievalPipeline(Pipeline):
         return results
 
 
-__all__ = ["SpeechImageRetrievalPipeline", "TASK"]
+__all__ = ["SpeechImageRetrievalPipeline", "TASK", "is_query_batch"]

@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .pipeline_c2f import is_query_batch
 from .quantized_gallery import QuantizedEmbeddings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -223,8 +224,7 @@ class SpeechImageIndex:
         self.check_model(model)
         model.eval()
         device = next(model.parameters()).device
-        single = isinstance(queries, (str, os.PathLike, dict)) or (hasattr(queries, "ndim") and queries.ndim == 1) or hasattr(queries, "convert")
-        queries = [queries] if single else list(queries)
+        queries = list(queries) if is_query_batch(queries) else [queries]
         rerank_k = model.config.k_test if rerank_k is None else rerank_k
         speech_queries = self.modality == "image"
         if speech_queries:

@@ -72,6 +72,14 @@ def test_index_round_trip_search_add_remove(tmp_path, folders, model, processor)
         SpeechImageIndex.load(tmp_path / "index")
 
 
+def test_an_image_array_is_one_query_for_an_audio_index(folders, model, processor):
+    index = SpeechImageIndex.build(model, processor, folders / "audio", "audio", progress=False)
+    image = np.asarray(Image.open(folders / "images" / "img00.png"))  # [H, W, 3]: one image, not H queries
+    results = index.search(model, processor, image, top_k=3, rerank_k=2)
+    assert len(results) == 1 and len(results[0]) == 3
+    assert len(index.search(model, processor, [image, image], top_k=3, rerank_k=0)) == 2
+
+
 def test_index_refuses_another_model_and_empty_folders(folders, model, processor):
     index = SpeechImageIndex.build(model, processor, folders / "images", "image", progress=False)
     other = C2FSpeechImageModel(tiny_config())
