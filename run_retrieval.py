@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoProcessor, HfArgumentParser
+from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from c2f import C2FProcessor, C2FSpeechImageModel, save_for_pipeline
+from c2f.augmentation import SpeechAugmentation
 from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records
 from c2f.hub import build_model_card, push_folder
 from c2f.presets import tiny_config, tiny_processor
@@ -44,6 +45,7 @@ class DataArguments:
     data_dir: str | None = field(default=None, metadata={"help": "Release folder (flickr8k, spokencoco) or manifest file."})
     train_split: str = field(default="train")
     eval_split: str = field(default="validation")
+    report_splits: str | None = field(default=None, metadata={"help": "Comma-separated splits evaluated after training besides the test split (default: the eval split; for the demo, validation and validation_unseen_voices)."})
     test_split: str = field(default="test")
     zero_shot_dataset: str | None = field(default=None, metadata={"help": "Also evaluate on another dataset (e.g. demo-shifted)."})
     zero_shot_data_dir: str | None = field(default=None)
@@ -52,6 +54,12 @@ class DataArguments:
     skip_file_check: bool = field(default=False, metadata={"help": "Skip checking every file before training."})
     image_feature_cache: bool = field(default=True, metadata={"help": "Cache frozen image-tower features (safetensors) after one pass."})
     image_cache_dir: str | None = field(default=None, metadata={"help": "Where the feature cache lives (default: OUTPUT_DIR/image_features)."})
+    augment_speech: bool = field(default=True, metadata={"help": "Voice augmentation of training clips (speed perturbation and noise below)."})
+    speed_perturbation: float = field(default=0.15, metadata={"help": "Training clips play at a speed drawn from [1 - x, 1 + x]; 0 disables."})
+    noise_probability: float = field(default=0.5, metadata={"help": "Share of training clips that get white noise; 0 disables."})
+    noise_min_snr_db: float = field(default=10.0, metadata={"help": "Lowest signal-to-noise ratio of that noise (dB)."})
+    noise_max_snr_db: float = field(default=30.0, metadata={"help": "Highest signal-to-noise ratio of that noise (dB)."})
+    decoded_cache_mb: int = field(default=2048, metadata={"help": "Keep decoded training audio and preprocessed images in memory up to this size, so later epochs skip decoding (0: decode every time)."})
 
 
 @dataclass
@@ -81,11 +89,33 @@ class RunArguments(C2FTrainingArguments):
     dataloader_num_workers: int = field(default=0)
 
 
+def speech_augmentation(data_args: DataArguments, seed: int) -> SpeechAugmentation | None:
+    if not data_args.augment_speech:
+        return None
+    return SpeechAugmentation(
+        speed_range=(1 - data_args.speed_perturbation, 1 + data_args.speed_perturbation),
+        noise_probability=data_args.noise_probability,
+        noise_snr_db=(data_args.noise_min_snr_db, data_args.noise_max_snr_db),
+        seed=seed,
+    )
+
+
+def report_splits(data_args: DataArguments) -> list[str]:
+    """Splits evaluated after training besides the test split. The demo reports both validation splits: the one with
+    the training voices and the one with held-out voices, which is the one to select on."""
+    if data_args.report_splits is not None:
+        return [split for split in data_args.report_splits.split(",") if split]
+    if data_args.dataset == "demo":
+        return ["validation", "validation_unseen_voices"]
+    return [data_args.eval_split]
+
+
 def use_all_cores_for_a_single_cpu_process():
     """`accelerate launch` sets OMP_NUM_THREADS=1, which halves CPU training speed on a 2-core laptop when only one
     process runs; give that one process the machine's cores."""
     single_process = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    if single_process and not torch.cuda.is_available() and torch.get_num_threads() == 1 and (os.cpu_count() or 1) > 1:
+    launched_with_one_thread = os.environ.get("OMP_NUM_THREADS") == "1" and torch.get_num_threads() == 1
+    if single_process and not torch.cuda.is_available() and launched_with_one_thread and (os.cpu_count() or 1) > 1:
         torch.set_num_threads(os.cpu_count())
         logger.info("single CPU process: using %d threads", os.cpu_count())
 
@@ -146,6 +176,8 @@ def main(argv=None):
 
     train = load(data_args.dataset, data_args.data_dir, data_args.train_split) if training_args.do_train or not training_args.do_eval else None
     evaluation = load(data_args.dataset, data_args.data_dir, data_args.eval_split)
+    # Seeded before the model is built, so --seed fixes the initialisation too (Trainer seeds only later).
+    set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
     image_features = None
     if train is not None and model.config.freeze_image_backbone and data_args.image_feature_cache:
@@ -159,7 +191,9 @@ def main(argv=None):
         args=training_args,
         train_dataset=train,
         eval_dataset=evaluation,
-        data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds, image_features),
+        data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds, image_features,
+                                          augmentation=speech_augmentation(data_args, training_args.seed),
+                                          decoded_cache_bytes=data_args.decoded_cache_mb * 2**20),
         processor=processor,
     )
     if train is not None:
@@ -173,6 +207,11 @@ def main(argv=None):
         return label, {name.removeprefix(f"{prefix}_"): value for name, value in metrics.items()}
 
     evaluations = [(load(data_args.dataset, data_args.data_dir, data_args.test_split), f"{data_args.dataset} {data_args.test_split}", "test")]
+    for split in report_splits(data_args):
+        if split == data_args.test_split:
+            continue
+        dataset = evaluation if split == data_args.eval_split else load(data_args.dataset, data_args.data_dir, split)
+        evaluations.append((dataset, f"{data_args.dataset} {split}", split))
     if data_args.zero_shot_dataset:
         evaluations.append((load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.zero_shot_split),
                             f"{data_args.zero_shot_dataset} {data_args.zero_shot_split} (zero-shot)", "zero_shot"))

@@ -18,6 +18,23 @@ class C2FConfig(PreTrainedConfig):
             Configuration of the HuBERT speech backbone.
         vision_config (`dict` or [`Blip2VisionConfig`], *optional*):
             Configuration of the BLIP-2 vision tower.
+        speech_front_end (`str`, *optional*, defaults to `"waveform"`):
+            What turns 16 kHz audio into HuBERT's frame features. `"waveform"`: HuBERT's own convolutional feature
+            encoder, as in every pretrained HuBERT checkpoint. `"log_mel"`: a log-mel filterbank computed inside the
+            model (plain torch ops; window `conv_kernel[0]`, hop `conv_stride[0]` of the speech config), normalised per
+            clip, then `Conv1d` layers with the speech config's remaining kernels, strides and widths; HuBERT's feature
+            projection and transformer encoder follow as usual. Meant for towers trained from scratch.
+        log_mel_bins (`int`, *optional*, defaults to 40):
+            Mel bands of the `"log_mel"` front end.
+        speech_frequency_warp (`float`, *optional*, defaults to 0.0):
+            Training-time voice augmentation of the `"log_mel"` front end (like HuBERT's own SpecAugment, applied only
+            in training mode): each clip's spectrum is stretched along frequency by a factor drawn uniformly from
+            `[1 - w, 1 + w]` (vocal-tract-length perturbation). 0 disables it.
+        vision_stem (`str`, *optional*, defaults to `"patch"`):
+            How image pixels become patch tokens. `"patch"`: BLIP-2's patch embedding (one strided convolution), as in
+            every pretrained BLIP-2 checkpoint. `"conv"`: stride-2 3x3 convolutions down to the patch grid, then a
+            1x1 projection (an early-convolution stem); needs a power-of-two `patch_size`. Meant for towers trained
+            from scratch.
         speech_layer_pooling (`str`, *optional*, defaults to `"last"`):
             Which HuBERT output feeds the speech encoder: `"last"` (last hidden layer) or `"weighted_sum"` (a learned
             softmax-weighted sum of all hidden layers, as in SUPERB; lower layers carry more phonetic detail).
@@ -70,6 +87,10 @@ class C2FConfig(PreTrainedConfig):
 
     speech_config: dict | HubertConfig | None = None
     vision_config: dict | Blip2VisionConfig | None = None
+    speech_front_end: str = "waveform"
+    log_mel_bins: int = 40
+    speech_frequency_warp: float = 0.0
+    vision_stem: str = "patch"
     speech_layer_pooling: str = "last"
     speech_frame_downsample: int = 2
     speech_encoder_hidden_size: int = 768
@@ -102,6 +123,21 @@ class C2FConfig(PreTrainedConfig):
             raise ValueError(
                 f"C2FConfig.speech_layer_pooling must be 'last' or 'weighted_sum', got {self.speech_layer_pooling!r}"
             )
+        if self.speech_front_end not in ("waveform", "log_mel"):
+            raise ValueError(f"C2FConfig.speech_front_end must be 'waveform' or 'log_mel', got {self.speech_front_end!r}")
+        if self.speech_front_end == "log_mel" and self.log_mel_bins < 1:
+            raise ValueError(f"C2FConfig.log_mel_bins must be >= 1, got {self.log_mel_bins}")
+        if self.speech_front_end == "log_mel" and self.speech_layer_pooling != "last":
+            # The log-mel path runs HuBERT's encoder directly (to hand it the frame mask), which records no per-layer
+            # outputs; a weighted sum of layers is for pretrained HuBERT anyway.
+            raise ValueError("C2FConfig.speech_front_end='log_mel' needs speech_layer_pooling='last'")
+        if not 0 <= self.speech_frequency_warp < 1:
+            raise ValueError(f"C2FConfig.speech_frequency_warp must be in [0, 1), got {self.speech_frequency_warp}")
+        if self.vision_stem not in ("patch", "conv"):
+            raise ValueError(f"C2FConfig.vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
+        patch_size = self.vision_config.patch_size
+        if self.vision_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
+            raise ValueError(f"C2FConfig.vision_stem='conv' needs a power-of-two vision patch_size, got {patch_size}")
         if self.speech_frame_downsample < 1:
             raise ValueError(f"C2FConfig.speech_frame_downsample must be >= 1, got {self.speech_frame_downsample}")
         for width, heads in (

@@ -4,10 +4,10 @@ from .configuration_c2f import C2FConfig
 
 
 def tiny_config(**overrides) -> C2FConfig:
-    """A C2F model small enough to train on a laptop CPU in minutes (0.32M parameters).
+    """A C2F model small enough to train on a laptop CPU in minutes.
 
-    HuBERT keeps its 320x convolutional downsampling (20 ms frames) but with narrow channels; the vision tower sees
-    64 px images in 8 px patches.
+    HuBERT's feature projection and transformer encoder behind a log-mel front end (20 ms frames); the BLIP-2 vision
+    tower sees 64 px images through a conv stem down to 8 px patches.
     """
     settings = dict(
         speech_config=dict(
@@ -15,13 +15,13 @@ def tiny_config(**overrides) -> C2FConfig:
             num_hidden_layers=2,
             num_attention_heads=4,
             intermediate_size=128,
-            # One wide first layer (25 ms windows, 10 ms hop: a learnable filterbank) instead of HuBERT's seven
-            # narrow ones; the total stride stays 320 (20 ms frames). From scratch it fits 85 demo images' captions to
-            # 100% in 160 steps where the seven-layer stack reached 38%, and runs 3x faster.
+            # Frame arithmetic of the log-mel front end (speech_front_end below): 25 ms windows with a 10 ms hop,
+            # then two stride-2 Conv1d to 40 ms frames. Twice HuBERT's 20 ms, and half the training step time on the
+            # demo (0.14 -> 0.07 s a batch of 32 on 2 cores); the words it must hear last 300 ms and more.
             num_feat_extract_layers=3,
             conv_dim=(64, 64, 64),
             conv_kernel=(400, 3, 3),
-            conv_stride=(160, 2, 1),
+            conv_stride=(160, 2, 2),
             num_conv_pos_embeddings=16,
             num_conv_pos_embedding_groups=4,
             mask_time_prob=0.0,
@@ -44,6 +44,13 @@ def tiny_config(**overrides) -> C2FConfig:
             # images from the start (fitting 85 demo images: 98% in 200 steps, against 8% at 0.02).
             initializer_range=0.2,
         ),
+        # From scratch, HuBERT's waveform convolutions memorise the training voices: a log-mel front end took a
+        # probe's held-out-voice test S->I R@1 from 6.5 to 25.6 at equal steps, and a conv stem in front of the ViT
+        # helped next (the two together: 33.5). The frequency warp (+-10%) is a voice augmentation.
+        speech_front_end="log_mel",
+        log_mel_bins=40,
+        speech_frequency_warp=0.1,
+        vision_stem="conv",
         speech_encoder_hidden_size=64,
         speech_encoder_num_layers=1,
         speech_encoder_num_heads=4,

@@ -46,13 +46,13 @@ def _to_mono(waveform: np.ndarray, label: str) -> np.ndarray:
     raise ValueError(f"audio {label} has shape {waveform.shape}; expected [samples] or [channels, samples]")
 
 
-def resample_audio(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
-    """Resample with soxr's high-quality filter; a no-op at the target rate."""
+def resample_audio(waveform: np.ndarray, orig_rate: float, target_rate: float, quality: str = "HQ") -> np.ndarray:
+    """Resample with soxr (its high-quality filter unless `quality` says otherwise); a no-op at the target rate."""
     if orig_rate == target_rate:
         return waveform
     import soxr
 
-    return soxr.resample(waveform, orig_rate, target_rate, quality="HQ").astype(np.float32)
+    return soxr.resample(waveform, orig_rate, target_rate, quality=quality).astype(np.float32)
 
 
 def load_audio(item: AudioLike, target_rate: int, sampling_rate: int | None = None, index: int = 0) -> np.ndarray:

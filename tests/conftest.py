@@ -32,3 +32,13 @@ def batch(processor):
     features = processor(audio=audio, images=images, sampling_rate=16000)
     features["image_ids"] = torch.tensor([0, 0, 1, 2])
     return features
+
+
+@pytest.fixture
+def one_thread():
+    """Multi-threaded CPU conv backward sums in a varying order; Adam turns those last-bit differences in near-zero
+    gradients into visible weight differences. One thread makes two runs comparable bit for bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,9 +1,10 @@
 """Helper for test_distributed.py: train a few steps and save loss, queue and weights.
 
 Run as `torchrun --nproc_per_node N tests/distributed_parity.py OUT PER_DEVICE_BATCH`. Everything that could differ
-between 1 and N processes for reasons other than the gathering is switched off: no dropout or layerdrop, sequential
-sampling, a layer-norm HuBERT that honours the attention mask (so per-rank padding does not matter), and no SIM
-(its hard negatives are mined within each rank's batch by design).
+between 1 and N processes for reasons other than the gathering is switched off: no dropout or layerdrop, no
+frequency warp (each rank would draw its own factors), sequential sampling, a front end that honours the attention
+mask (so per-rank padding does not matter), and no SIM (its hard negatives are mined within each rank's batch by
+design).
 """
 
 import sys
@@ -28,7 +29,8 @@ def main(out: str, per_device_batch: int):
     speech = dict(tiny_config().speech_config.to_dict(), feat_extract_norm="layer", do_stable_layer_norm=True,
                   hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                   final_dropout=0.0, layerdrop=0.0)
-    model = C2FSpeechImageModel(tiny_config(speech_config=speech, hidden_dropout=0.0, freeze_image_backbone=False))
+    model = C2FSpeechImageModel(tiny_config(speech_config=speech, hidden_dropout=0.0, freeze_image_backbone=False,
+                                            speech_frequency_warp=0.0))
     processor = tiny_processor()
     args = C2FTrainingArguments(
         output_dir=out, max_steps=3, per_device_train_batch_size=per_device_batch, learning_rate=1e-3, queue_size=16,

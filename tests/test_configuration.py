@@ -6,13 +6,14 @@ from c2f.presets import tiny_config
 
 
 def test_config_round_trip_through_save_and_dict(tmp_path):
-    config = tiny_config(embed_dim=48, k_test=7, speech_layer_pooling="weighted_sum")
+    config = tiny_config(embed_dim=48, k_test=7, speech_front_end="waveform", speech_layer_pooling="weighted_sum")
     config.save_pretrained(tmp_path)
     loaded = C2FConfig.from_pretrained(tmp_path)
     assert loaded.to_dict() == config.to_dict()
     assert isinstance(loaded.speech_config, HubertConfig) and loaded.speech_config.hidden_size == 64
     assert isinstance(loaded.vision_config, Blip2VisionConfig) and loaded.vision_config.patch_size == 8
     assert (loaded.embed_dim, loaded.k_test, loaded.speech_layer_pooling) == (48, 7, "weighted_sum")
+    assert (loaded.speech_front_end, loaded.vision_stem, loaded.log_mel_bins) == ("waveform", "conv", 40)
     assert C2FConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
 

@@ -43,7 +43,7 @@ def test_another_backbone_gets_another_cache_file(tmp_path, processor):
 def test_the_same_tower_loaded_from_another_path_keeps_its_fingerprint(tmp_path, monkeypatch):
     from transformers import Blip2VisionModel
 
-    C2FSpeechImageModel(tiny_config()).vision_model.save_pretrained(tmp_path / "tower")
+    C2FSpeechImageModel(tiny_config(vision_stem="patch")).vision_model.save_pretrained(tmp_path / "tower")
     monkeypatch.chdir(tmp_path)
     relative = Blip2VisionModel.from_pretrained("tower")
     absolute = Blip2VisionModel.from_pretrained(str(tmp_path / "tower"))

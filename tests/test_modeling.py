@@ -116,7 +116,7 @@ def test_speech_feature_encoder_freezing_only_freezes_the_cnn(batch):
 
 
 def test_weighted_sum_layer_pooling_learns_layer_weights(batch):
-    model = C2FSpeechImageModel(tiny_config(speech_layer_pooling="weighted_sum"))
+    model = C2FSpeechImageModel(tiny_config(speech_front_end="waveform", speech_layer_pooling="weighted_sum"))
     assert model.speech_layer_weights.shape == (3,)
     model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True).loss.backward()
     assert model.speech_layer_weights.grad is not None and model.speech_layer_weights.grad.abs().sum() > 0

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from huggingface_hub import HfApi
 
@@ -40,7 +41,7 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
         "--test_split", "validation", "--freeze_image_backbone", "true", "--zero_shot_dataset", "demo-shifted",
         "--push_to_hub", "--hub_model_id", "someone/c2f-tiny", "--logging_steps", "1",
     ])
-    assert set(results) == {"demo validation", "demo-shifted test (zero-shot)"}
+    assert set(results) == {"demo validation", "demo validation_unseen_voices", "demo-shifted test (zero-shot)"}
     for metrics in results.values():
         assert 0 <= metrics["s2i_R@1"] <= metrics["s2i_R@5"] <= metrics["s2i_R@10"] <= 100
         assert "reranked_i2s_R@10" in metrics
@@ -57,7 +58,24 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
     metadata = yaml.safe_load(card.split("---")[1])
     assert "speech-image-retrieval" in metadata["tags"] and metadata["license"] == "apache-2.0"
     index = metadata["model-index"][0]["results"]
-    reported = {(r["dataset"]["name"], r["metrics"][0]["name"]): r["metrics"][0]["value"] for r in index}
+    reported = {(r["dataset"]["name"], r["dataset"]["split"], r["metrics"][0]["name"]): r["metrics"][0]["value"]
+                for r in index}
     expected = round(results["demo validation"]["reranked_s2i_R@1"], 2)
-    assert reported[("demo", "speech→image R@1")] == expected
+    assert reported[("demo", "validation", "speech→image R@1")] == expected
     assert "Reconstruction notes" in card and "someone/c2f-tiny" in card
+
+
+def test_one_seed_gives_one_model(tmp_path, one_thread):
+    """--seed fixes the initialisation, the augmentation draws and the sampling: two runs end with equal weights."""
+    from safetensors.torch import load_file
+
+    script = _load_script()
+    common = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--queue_size", "16",
+              "--test_split", "validation", "--report_splits", "", "--k_test", "0", "--skip_file_check", "true"]
+    weights = []
+    for run, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        script.main(["--output_dir", str(tmp_path / run), "--seed", seed, *common])
+        weights.append(load_file(tmp_path / run / "model.safetensors"))
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    assert not all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])

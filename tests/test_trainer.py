@@ -6,6 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from c2f.augmentation import SpeechAugmentation
 from c2f.data import SpeechImageCollator, load_demo
 from c2f.modeling_c2f import C2FSpeechImageModel
 from c2f.presets import tiny_config, tiny_processor
@@ -13,18 +14,20 @@ from c2f.training import C2FTrainer, C2FTrainingArguments
 from c2f.training.trainer import STATE_FILE
 
 
-def _trainer(output_dir, max_steps, save_steps=None, **overrides):
+def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, **overrides):
     torch.manual_seed(0)
     model = C2FSpeechImageModel(tiny_config(freeze_image_backbone=False, hidden_dropout=0.0))
     processor = tiny_processor()
+    settings = dict(per_device_train_batch_size=4)
+    settings.update(overrides)
     args = C2FTrainingArguments(
-        output_dir=str(output_dir), max_steps=max_steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        output_dir=str(output_dir), max_steps=max_steps, learning_rate=1e-3,
         queue_size=8, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         logging_steps=1, report_to="none", seed=7, data_seed=7, use_cpu=True, dataloader_num_workers=0,
-        **overrides,
+        **settings,
     )
     return C2FTrainer(model=model, args=args, train_dataset=load_demo("validation").select(range(16)),
-                      data_collator=SpeechImageCollator(processor), processor=processor)
+                      data_collator=SpeechImageCollator(processor, augmentation=augmentation), processor=processor)
 
 
 def test_training_fills_the_queue_and_updates_the_momentum_model(tmp_path):
@@ -55,28 +58,19 @@ def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path):
     assert trainer.queue.filled == 8  # filled from the first step, so it is full when it joins
 
 
-@pytest.fixture
-def one_thread():
-    """Multi-threaded CPU conv backward sums in a varying order; Adam turns those last-bit differences in near-zero
-    gradients into visible weight differences. One thread makes straight and resumed runs comparable bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):
-    straight = _trainer(tmp_path / "straight", max_steps=4)
+    """With voice augmentation on: its draws are numbered by batch and continue from the checkpoint's step."""
+    straight = _trainer(tmp_path / "straight", max_steps=4, augmentation=SpeechAugmentation())
     straight.train()
 
-    first_half = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2)
+    first_half = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation())
     first_half.train()  # saves checkpoint-2 and checkpoint-4; resume from the middle one
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     state = load_file(checkpoint / STATE_FILE)
     assert int(state["queue.filled"]) == 8 and any(name.startswith("momentum.") for name in state)
     assert not any(name.endswith(".tmp") for name in os.listdir(checkpoint))
 
-    resumed = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2)
+    resumed = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation())
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(expected, actual, atol=1e-6), name
@@ -99,3 +93,18 @@ def test_resuming_a_checkpoint_without_c2f_state_is_refused(tmp_path):
     os.remove(tmp_path / "checkpoint-2" / STATE_FILE)
     with pytest.raises(ValueError, match="not written by C2FTrainer"):
         _trainer(tmp_path, max_steps=4, save_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+
+
+def test_loss_falls_over_a_short_run(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=40, use_queue=False, use_distillation=False, use_sim=False,
+                       per_device_train_batch_size=8)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 40
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_no_momentum_model_when_nothing_reads_it(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=2, use_queue=False, use_distillation=False)
+    trainer.train()
+    assert trainer.momentum_model is None and trainer.queue is None

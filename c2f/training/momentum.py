@@ -25,6 +25,8 @@ class MomentumModel:
             setattr(self.model, name, module)
         self.model.requires_grad_(False)
         self.model.eval()
+        if hasattr(self.model, "unpadded_speech_inference"):  # batches as the online model sees them, not clip by clip
+            self.model.unpadded_speech_inference = False
         self._pairs = [
             (name, parameter, dict(self.model.named_parameters())[name])
             for name, parameter in model.named_parameters()

@@ -1,10 +1,13 @@
 """C2FTrainer: a transformers Trainer that adds the embedding queue, the momentum model and retrieval evaluation."""
 
+import json
 import os
+from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
 
 from ..evaluation import evaluate_retrieval
 from .momentum import MomentumModel
@@ -39,15 +42,19 @@ class C2FTrainer(Trainer):
         self.processor = processor
         self.momentum_model: MomentumModel | None = None
         self.queue: EmbeddingQueue | None = None
+        self._training_state_ready = False
         self.add_callback(_MomentumUpdate(self))
 
     # ------------------------------------------------------------------ training state
 
     def _ensure_training_state(self):
-        if self.momentum_model is not None:
+        if self._training_state_ready:
             return
+        self._training_state_ready = True
         model = self.accelerator.unwrap_model(self.model)
         args = self.args
+        if not (args.use_queue or args.use_distillation):
+            return  # nothing reads momentum features: no copy to build and update every step
         if args.use_queue and args.queue_size % (args.per_device_train_batch_size * max(1, args.world_size)) != 0:
             raise ValueError(
                 f"queue_size ({args.queue_size}) must be a multiple of the global batch size "
@@ -59,7 +66,7 @@ class C2FTrainer(Trainer):
 
     def training_state_dict(self) -> dict[str, torch.Tensor]:
         self._ensure_training_state()
-        state = dict(self.momentum_model.state_dict())
+        state = dict(self.momentum_model.state_dict()) if self.momentum_model is not None else {}
         if self.queue is not None:
             state.update(self.queue.state_dict())
         return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
@@ -80,9 +87,14 @@ class C2FTrainer(Trainer):
             raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by C2FTrainer")
         self._ensure_training_state()
         state = load_file(path)
-        self.momentum_model.load_state_dict(state)
+        if self.momentum_model is not None:
+            self.momentum_model.load_state_dict(state)
         if self.queue is not None:
             self.queue.load_state_dict({k: v.to(self.queue.speech.device) for k, v in state.items() if k.startswith("queue.")})
+        augmentation = getattr(self.data_collator, "augmentation", None)
+        if augmentation is not None:  # its draws are numbered by batch: continue from the checkpoint's batch
+            steps = int(json.loads(Path(resume_from_checkpoint, TRAINER_STATE_NAME).read_text())["global_step"])
+            augmentation.batch_number = steps * self.args.gradient_accumulation_steps
 
     # ------------------------------------------------------------------ loss
 

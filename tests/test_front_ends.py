@@ -1,0 +1,117 @@
+"""The tiny preset's front ends: log-mel speech and a conv stem for images, shapes, masks and padding invariance."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import HubertModel
+
+from c2f.configuration_c2f import C2FConfig
+from c2f.modeling_c2f import C2FConvStem, C2FLogMelFeatureEncoder, C2FSpeechImageModel
+from c2f.presets import tiny_config, tiny_processor
+
+
+def _clips(*lengths, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(n).astype(np.float32) * 0.1 for n in lengths]
+
+
+def test_log_mel_front_end_counts_frames_with_hubert_arithmetic(model, processor):
+    front_end = model.speech_model.feature_extractor
+    assert isinstance(front_end, C2FLogMelFeatureEncoder)
+    inputs = processor(audio=_clips(16000, 9000))
+    features = front_end(inputs["input_values"], inputs["attention_mask"])
+    assert features.shape[:2] == (2, model.config.speech_config.conv_dim[-1])
+    expected = model.speech_model._get_feat_extract_output_lengths(torch.tensor([16000, 9000]))
+    assert features.shape[2] == expected[0]
+    log_mel, frame_mask = front_end.log_mel(inputs["input_values"], inputs["attention_mask"])
+    assert log_mel.shape[2] == model.config.log_mel_bins
+    assert frame_mask.sum(dim=1).tolist() == [(16000 - 400) // 160 + 1, (9000 - 400) // 160 + 1]
+    # Normalised per clip over its own frames; padded frames are zero.
+    valid = log_mel[1][frame_mask[1]]
+    assert valid.mean(dim=0).abs().max() < 1e-4 and (valid.std(dim=0, unbiased=False) - 1).abs().max() < 1e-2
+    assert log_mel[1][~frame_mask[1]].abs().max() == 0
+
+
+def test_speech_embedding_ignores_its_batch_neighbours(model, processor):
+    model.eval()
+    clip, longer = _clips(16000, 48000)
+    with torch.no_grad():
+        alone = model.encode_speech(**processor(audio=[clip]))
+        batched = model.encode_speech(**processor(audio=[clip, longer]))
+    cosine = torch.nn.functional.cosine_similarity(alone.speech_embeds, batched.speech_embeds[:1]).item()
+    assert cosine >= 0.999
+    tokens = alone.speech_tokens.shape[1]
+    assert torch.allclose(alone.speech_tokens[0], batched.speech_tokens[0, :tokens], atol=1e-4)
+    assert not batched.speech_token_mask[0, tokens:].any()
+
+
+def test_group_norm_hubert_encodes_each_clip_at_its_own_length_at_inference(processor):
+    """HF's group-norm HuBERT (hubert-base) takes no mask: batched, padding would change the clip's embedding."""
+    torch.manual_seed(0)
+    model = C2FSpeechImageModel(tiny_config(speech_front_end="waveform")).eval()
+    assert model.config.speech_config.feat_extract_norm == "group"
+    clip, longer = _clips(16000, 48000)
+    with torch.no_grad():
+        alone = model.get_speech_features(**processor(audio=[clip]))
+        batched = model.get_speech_features(**processor(audio=[clip, longer]))
+        model.unpadded_speech_inference = False  # as a trainer's momentum copy runs it: one padded batch
+        padded = model.get_speech_features(**processor(audio=[clip, longer]))
+    assert torch.nn.functional.cosine_similarity(alone, batched[:1]).item() >= 0.999
+    assert torch.nn.functional.cosine_similarity(alone, padded[:1]).item() < 0.999  # what the per-clip path avoids
+
+
+def test_frequency_warp_applies_in_training_only(processor):
+    torch.manual_seed(0)
+    model = C2FSpeechImageModel(tiny_config(speech_frequency_warp=0.1))
+    front_end = model.speech_model.feature_extractor
+    inputs = processor(audio=_clips(16000))
+    front_end.eval()
+    plain = front_end.log_mel(inputs["input_values"])[0]
+    assert torch.equal(plain, front_end.log_mel(inputs["input_values"])[0])
+    front_end.train()
+    torch.manual_seed(1)
+    warped = front_end.log_mel(inputs["input_values"])[0]
+    torch.manual_seed(1)
+    assert torch.equal(warped, front_end.log_mel(inputs["input_values"])[0])  # seeded
+    assert not torch.allclose(warped, plain, atol=1e-3)
+
+
+def test_conv_stem_keeps_the_patch_grid(batch):
+    config = tiny_config()
+    stem = C2FConvStem(config.vision_config)
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    assert stem(batch["pixel_values"]).shape == (4, config.vision_config.hidden_size, grid, grid)
+    assert stem.weight is stem.projection.weight
+
+
+def test_front_ends_survive_save_and_load(model, processor, batch, tmp_path):
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = C2FSpeechImageModel.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.vision_model.embeddings.patch_embedding, C2FConvStem)
+    with torch.no_grad():
+        assert torch.allclose(loaded.get_speech_features(batch["input_values"], batch["attention_mask"]),
+                              model.get_speech_features(batch["input_values"], batch["attention_mask"]), atol=1e-6)
+        assert torch.allclose(loaded.get_image_features(batch["pixel_values"]),
+                              model.get_image_features(batch["pixel_values"]), atol=1e-6)
+
+
+def test_real_checkpoint_front_ends_are_hubert_and_blip2_modules():
+    model = C2FSpeechImageModel(tiny_config(speech_front_end="waveform", vision_stem="patch"))
+    assert type(model.speech_model.feature_extractor).__name__ == "HubertFeatureEncoder"
+    assert isinstance(model.vision_model.embeddings.patch_embedding, torch.nn.Conv2d)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(speech_front_end="mfcc"), "speech_front_end"),
+        (dict(vision_stem="cnn"), "vision_stem"),
+        (dict(vision_stem="conv", vision_config=dict(patch_size=6, image_size=60)), "power-of-two"),
+        (dict(speech_frequency_warp=1.5), "speech_frequency_warp"),
+        (dict(speech_layer_pooling="weighted_sum"), "speech_layer_pooling='last'"),
+    ],
+)
+def test_config_rejects_unusable_front_ends(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_config(**overrides)
