@@ -31,7 +31,7 @@ class SpeechImageRetrievalPipeline(Pipeline):
     Audio may be a path, a numpy array / tensor (16 kHz unless `sampling_rate` is given) or a
     `{"array", "sampling_rate"}` dict; images a path, PIL image or array (no URLs are fetched). `rerank_k` (default:
     the model's `k_test`) candidates are re-scored by the SIM head; `rerank_k=0` ranks by SIC similarity only.
-    `score` is the ranking score: SIM logit margin + cosine for re-ranked items, cosine otherwise.
+    `score` is the ranking score: SIM logit margin + cosine / temperature for re-ranked items, cosine otherwise.
     """
 
     _load_processor = True

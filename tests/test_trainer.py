@@ -108,3 +108,20 @@ def test_no_momentum_model_when_nothing_reads_it(tmp_path):
     trainer = _trainer(tmp_path, max_steps=2, use_queue=False, use_distillation=False)
     trainer.train()
     assert trainer.momentum_model is None and trainer.queue is None
+
+
+def test_epoch_schedules_count_trainer_epochs_with_max_steps_and_fractional_epochs(tmp_path):
+    """16 clips in batches of 4 make 4-step epochs, whatever max_steps or num_train_epochs say."""
+    for settings in (dict(max_steps=6), dict(max_steps=-1, num_train_epochs=1.5)):
+        max_steps = settings.pop("max_steps")
+        trainer = _trainer(tmp_path, max_steps=max_steps, **settings)
+        assert trainer._steps(1.0) == 4 and trainer._steps(0.5) == 2
+
+
+def test_queue_fills_only_in_the_steps_before_it_joins(tmp_path):
+    # 4-step epochs; the queue (8 = two batches) joins at step 6, so it fills from step 4 on.
+    trainer = _trainer(tmp_path, max_steps=8, momentum_start_epochs=1.5, use_distillation=False)
+    filled = []
+    trainer.model.register_forward_pre_hook(lambda module, args: filled.append(trainer.queue.filled))
+    trainer.train()
+    assert filled == [0, 0, 0, 0, 0, 4, 8, 8]

@@ -43,6 +43,7 @@ class C2FTrainer(Trainer):
         self.momentum_model: MomentumModel | None = None
         self.queue: EmbeddingQueue | None = None
         self._training_state_ready = False
+        self._steps_per_epoch: int | None = None
         self.add_callback(_MomentumUpdate(self))
 
     # ------------------------------------------------------------------ training state
@@ -99,11 +100,22 @@ class C2FTrainer(Trainer):
     # ------------------------------------------------------------------ loss
 
     def _steps(self, epochs: float) -> float:
-        steps_per_epoch = self.state.max_steps / max(self.state.num_train_epochs, 1) if self.state.max_steps else 1
-        return epochs * steps_per_epoch
+        """Optimizer steps in `epochs` epochs, counted the way Trainer counts an epoch (whatever max_steps says)."""
+        if self._steps_per_epoch is None:
+            batches = len(self.get_train_dataloader())
+            self._steps_per_epoch = max(batches // self.args.gradient_accumulation_steps, 1)
+        return epochs * self._steps_per_epoch
 
     def momentum_started(self) -> bool:
         return self.state.global_step >= self._steps(self.args.momentum_start_epochs)
+
+    def queue_filling(self) -> bool:
+        """The queue fills during the steps that just fill it before it joins (and all along after): momentum
+        features computed earlier would be pushed out unused, at the cost of a forward pass each step."""
+        if self.queue is None:
+            return False
+        fill_steps = -(-self.args.queue_size // (self.args.per_device_train_batch_size * max(1, self.args.world_size)))
+        return self.state.global_step >= self._steps(self.args.momentum_start_epochs) - fill_steps
 
     def current_alpha(self) -> float:
         args = self.args
@@ -123,7 +135,8 @@ class C2FTrainer(Trainer):
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
         queue_keys = self.queue.keys() if self.queue is not None and self.momentum_started() else None
         alpha = self.current_alpha()
-        needs_momentum = self.queue is not None or alpha > 0
+        filling = model.training and self.queue_filling()
+        needs_momentum = filling or alpha > 0
         if needs_momentum:  # the momentum features feed the queue and the soft targets; nothing else
             momentum = self.momentum_model.model
             with torch.no_grad():
@@ -158,7 +171,7 @@ class C2FTrainer(Trainer):
         loss = outputs.loss_sic
         if args.use_sim:
             loss = loss + args.sim_loss_weight * outputs.loss_sim
-        if model.training and self.queue is not None:
+        if filling:
             self.queue.enqueue(all_speech, all_image, all_ids)
         return (loss, outputs) if return_outputs else loss
 

@@ -1,0 +1,98 @@
+"""Where a trained demo model goes wrong, and what its SIM head could fix: run on a c2f folder.
+
+    python benchmarks/demo_errors.py outputs/c2f-demo [--split test] [--k 16]
+
+Prints, on one demo split: the share of coarse (SIC) speech->image top-1 errors that pick a *sibling* of the right
+image (a scene whose caption differs in one word, or has the same words in another order: colours or objects
+swapped), how often SIC and SIM each put the right image above such a sibling when both are in the top k, and how
+often a training batch offers SIM a sibling as a negative at all (in-batch hard negatives are all it ever sees).
+"""
+
+import argparse
+from collections import Counter
+
+import torch
+
+from c2f.data import load_demo
+from c2f.evaluation import _flat_speech_tokens, encode_for_retrieval
+from c2f.modeling_c2f import C2FSpeechImageModel
+from c2f.processing_c2f import C2FProcessor
+
+
+def are_siblings(first: str, second: str) -> bool:
+    a, b = first.split(), second.split()
+    if a == b or len(a) != len(b):
+        return False
+    return sum(x != y for x, y in zip(a, b)) == 1 or sorted(a) == sorted(b)
+
+
+def captions_by_image(dataset) -> dict[int, str]:
+    return {int(image_id): caption for image_id, caption in zip(dataset["image_id"], dataset["caption"])}
+
+
+def sibling_share_in_batches(dataset, batch_size: int) -> tuple[float, float]:
+    """(share of training images with a sibling in training, chance that a random batch holds that sibling)."""
+    captions = captions_by_image(dataset)
+    siblings = {i: [j for j, other in captions.items() if j != i and are_siblings(text, other)] for i, text in captions.items()}
+    with_sibling = sum(bool(s) for s in siblings.values()) / len(captions)
+    rows, per_image = len(dataset), len(dataset) / len(captions)
+    # The other batch_size - 1 rows are drawn from rows - 1; the sibling owns per_image of them.
+    miss = 1.0
+    for draw in range(batch_size - 1):
+        miss *= 1 - per_image / (rows - 1 - draw)
+    return with_sibling, 1 - miss
+
+
+@torch.no_grad()
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=32, help="training batch size, for the in-batch sibling odds")
+    args = parser.parse_args()
+    model = C2FSpeechImageModel.from_pretrained(args.model).eval()
+    processor = C2FProcessor.from_pretrained(args.model)
+    dataset = load_demo(args.split)
+    encoded = encode_for_retrieval(model, dataset, processor, 64)
+    coarse = encoded["speech_embeds"] @ encoded["image_embeds"].t()
+    gallery = encoded["gallery_image_ids"].tolist()
+    captions = captions_by_image(dataset)
+    truth = encoded["speech_image_ids"].tolist()
+    top = coarse.topk(args.k, dim=1).indices
+    speech_tokens, speech_mask = _flat_speech_tokens(encoded["speech_tokens"])
+
+    errors, pairs = Counter(), Counter()
+    for query, right in enumerate(truth):
+        best = gallery[int(top[query, 0])]
+        if best != right:
+            errors["sibling" if are_siblings(captions[right], captions[best]) else "other"] += 1
+        candidates = [gallery[int(col)] for col in top[query]]
+        if right not in candidates:
+            continue
+        right_col = int(top[query, candidates.index(right)])
+        for col, image_id in zip(top[query].tolist(), candidates):
+            if image_id == right or not are_siblings(captions[right], captions[image_id]):
+                continue
+            logits = model.match_logits(speech_tokens[[query, query]], speech_mask[[query, query]],
+                                        encoded["image_tokens"][[right_col, col]])
+            margins = logits[:, 1] - logits[:, 0]
+            pairs["total"] += 1
+            pairs["sic"] += int(coarse[query, right_col] > coarse[query, col])
+            pairs["sim"] += int(margins[0] > margins[1])
+    total_errors = sum(errors.values())
+    with_sibling, in_batch = sibling_share_in_batches(load_demo("train"), args.batch)
+    print(f"| demo {args.split}, coarse S→I | value |")
+    print("|---|---|")
+    print(f"| queries | {len(truth)} |")
+    print(f"| top-1 errors | {total_errors} ({100 * total_errors / len(truth):.1f}%) |")
+    print(f"| of which a sibling of the right image | {errors['sibling']} ({100 * errors['sibling'] / max(total_errors, 1):.0f}%) |")
+    print(f"| (right, sibling) pairs both in the top {args.k} | {pairs['total']} |")
+    print(f"| SIC ranks the right one higher | {100 * pairs['sic'] / max(pairs['total'], 1):.0f}% |")
+    print(f"| SIM ranks the right one higher | {100 * pairs['sim'] / max(pairs['total'], 1):.0f}% |")
+    print(f"| training images with a sibling in training | {100 * with_sibling:.0f}% |")
+    print(f"| chance a batch of {args.batch} holds that sibling (SIM's only source of such negatives) | {100 * in_batch:.1f}% |")
+
+
+if __name__ == "__main__":
+    main()
