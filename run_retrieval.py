@@ -21,7 +21,7 @@ from transformers import AutoProcessor, HfArgumentParser, set_seed
 from c2f import C2FProcessor, C2FSpeechImageModel, save_for_pipeline
 from c2f.augmentation import SpeechAugmentation
 from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records
-from c2f.hub import build_model_card, push_folder
+from c2f.hub import build_model_card, ensure_repo, push_folder
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
 from c2f.training.feature_cache import ImageFeatureCache
@@ -67,30 +67,31 @@ class DataArguments:
 class RunArguments(C2FTrainingArguments):
     """Defaults sized for the demo on a laptop CPU; pass the design-card values for real data."""
 
-    output_dir: str = field(default="outputs/c2f-demo")
+    evaluation_only: bool = field(default=False, metadata={"help": "Only evaluate (--model_name_or_path) on the test, report and zero-shot splits; no training."})
+    output_dir: str = field(default="outputs/c2f-demo", metadata={"help": "Where the model, processor and results go."})
     # 1,440 steps of 32: about 9 minutes on 2 CPU cores, training and evaluation together (the issue's 10-minute
     # budget). The model fits its training pairs long before; the extra epochs are for the voices it has not heard,
     # which the augmentation keeps presenting anew.
-    num_train_epochs: float = field(default=24.0)
-    per_device_train_batch_size: int = field(default=32)
-    per_device_eval_batch_size: int = field(default=64)
+    num_train_epochs: float = field(default=24.0, metadata={"help": "Training epochs (demo default: 24, about 9 minutes on 2 CPU cores)."})
+    per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
+    per_device_eval_batch_size: int = field(default=64, metadata={"help": "Encoding batch size for evaluation."})
     # Measured on the demo with the tiny preset: 5e-4 with 10% warmup learns (SIC train loss 3.6 -> 1.7); with the
     # earlier preset's 0.02 initialisation anything from 4e-4 up collapsed and 2e-4 was the ceiling.
-    learning_rate: float = field(default=5e-4)
-    weight_decay: float = field(default=0.02)
-    warmup_steps: float = field(default=0.1)
-    lr_scheduler_type: str = field(default="cosine")
-    queue_size: int = field(default=1024)
+    learning_rate: float = field(default=5e-4, metadata={"help": "Peak AdamW learning rate (demo default 5e-4; 1e-4 with pretrained backbones)."})
+    weight_decay: float = field(default=0.02, metadata={"help": "AdamW weight decay."})
+    warmup_steps: float = field(default=0.1, metadata={"help": "Warmup: a share of all steps when < 1, else a step count."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule after warmup."})
+    queue_size: int = field(default=1024, metadata={"help": "SIC embedding queue length (demo default 1024; 65536 in ALBEF)."})
     # A demo run is a few hundred steps: at 0.995 (a 200-step EMA) the queue and the distillation targets would come
     # from a nearly untrained model for most of it.
-    momentum: float = field(default=0.98)
+    momentum: float = field(default=0.98, metadata={"help": "EMA factor of the momentum model per step (demo default 0.98; 0.995 in ALBEF)."})
     # The towers start random, so the momentum copy is uninformative at first: in-batch SIC (and SIM) for the first
     # two thirds of the run, then the queue and the soft targets (measured with the earlier preset: turned on from
     # step 1, the towers collapsed to chance). The queue fills only in the steps just before it joins.
-    momentum_start_epochs: float = field(default=16.0)
-    logging_steps: int = field(default=20)
-    save_strategy: str = field(default="no")
-    dataloader_num_workers: int = field(default=0)
+    momentum_start_epochs: float = field(default=16.0, metadata={"help": "In-batch SIC until this epoch, then the queue and distillation (demo default 16; 0 with pretrained backbones)."})
+    logging_steps: int = field(default=20, metadata={"help": "Log the losses every this many steps."})
+    save_strategy: str = field(default="no", metadata={"help": "Checkpoints: no, steps or epoch (demo default: none)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Collation workers; 0 keeps the decoded-media cache and exact resume of the augmentation."})
 
 
 def speech_augmentation(data_args: DataArguments, seed: int) -> SpeechAugmentation | None:
@@ -179,8 +180,20 @@ def main(argv=None):
             validate_records(records, f"{dataset} {split}")
         return records
 
-    train = load(data_args.dataset, data_args.data_dir, data_args.train_split) if training_args.do_train or not training_args.do_eval else None
+    # Training runs unless the user asks for evaluation only: transformers turns do_eval on by itself whenever an
+    # eval strategy is set, so do_train/do_eval cannot say it.
+    train = None if training_args.evaluation_only else load(data_args.dataset, data_args.data_dir, data_args.train_split)
     evaluation = load(data_args.dataset, data_args.data_dir, data_args.eval_split)
+    # Every split the run reports is loaded and checked now: a bad test file must fail before training, not after.
+    evaluations = [(load(data_args.dataset, data_args.data_dir, data_args.test_split), f"{data_args.dataset} {data_args.test_split}", "test")]
+    for split in report_splits(data_args):
+        if split == data_args.test_split:
+            continue
+        dataset = evaluation if split == data_args.eval_split else load(data_args.dataset, data_args.data_dir, split)
+        evaluations.append((dataset, f"{data_args.dataset} {split}", split))
+    if data_args.zero_shot_dataset:
+        evaluations.append((load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.zero_shot_split),
+                            f"{data_args.zero_shot_dataset} {data_args.zero_shot_split} (zero-shot)", "zero_shot"))
     # Seeded before the model is built, so --seed fixes the initialisation too (Trainer seeds only later).
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
@@ -191,6 +204,9 @@ def main(argv=None):
             image_features = ImageFeatureCache.build(model.vision_model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
     # c2f uploads once at the end with its own model card; Trainer's push would overwrite README.md.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
+    repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
+    if push_to_hub and training_args.process_index == 0:
+        ensure_repo(repo_id, token=training_args.hub_token, private=training_args.hub_private_repo)
     trainer = C2FTrainer(
         model=model,
         args=training_args,
@@ -211,15 +227,6 @@ def main(argv=None):
         metrics = trainer.evaluate(dataset, metric_key_prefix=prefix)
         return label, {name.removeprefix(f"{prefix}_"): value for name, value in metrics.items()}
 
-    evaluations = [(load(data_args.dataset, data_args.data_dir, data_args.test_split), f"{data_args.dataset} {data_args.test_split}", "test")]
-    for split in report_splits(data_args):
-        if split == data_args.test_split:
-            continue
-        dataset = evaluation if split == data_args.eval_split else load(data_args.dataset, data_args.data_dir, split)
-        evaluations.append((dataset, f"{data_args.dataset} {split}", split))
-    if data_args.zero_shot_dataset:
-        evaluations.append((load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.zero_shot_split),
-                            f"{data_args.zero_shot_dataset} {data_args.zero_shot_split} (zero-shot)", "zero_shot"))
     results = dict(retrieval_metrics(*evaluation) for evaluation in evaluations)
     if trainer.is_world_process_zero():
         table = format_results(results)
@@ -228,7 +235,6 @@ def main(argv=None):
         with open(f"{training_args.output_dir}/retrieval_results.json", "w") as handle:
             json.dump(results, handle, indent=2)
         if push_to_hub:
-            repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
             training = dict(queue_size=training_args.queue_size if training_args.use_queue else 0,
                             momentum=training_args.momentum,
                             distill_alpha=training_args.distill_alpha if training_args.use_distillation else 0.0,

@@ -113,6 +113,15 @@ class C2FConfig(PreTrainedConfig):
     hidden_act: str = "gelu"
     initializer_range: float = 0.02
 
+    @property
+    def min_audio_samples(self) -> int:
+        """The shortest 16 kHz clip that yields one speech frame through the speech config's convolution arithmetic
+        (HuBERT's conv stack, or the log-mel window and its Conv1d layers)."""
+        needed = 1
+        for kernel, stride in reversed(list(zip(self.speech_config.conv_kernel, self.speech_config.conv_stride))):
+            needed = (needed - 1) * stride + kernel
+        return needed
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._check_values()

@@ -69,7 +69,14 @@ def load_manifest(path: str | os.PathLike, split: str | None = None) -> Dataset:
         if missing:
             raise ValueError(f"manifest {path} row {number}: missing field(s) {missing}; expected audio, image, image_id")
     if split is not None:
-        rows = [row for row in rows if row.get("split", split) == split]
+        unassigned = [number for number, row in enumerate(rows, start=1) if row.get("split") in (None, "")]
+        if unassigned:
+            # Such a row would join every split: train and test would overlap without a word.
+            raise ValueError(
+                f"manifest {path}: {len(unassigned)} row(s) have no 'split' (first: row {unassigned[0]}); asked for "
+                f"split {split!r}, every row needs one (e.g. train, validation, test)"
+            )
+        rows = [row for row in rows if row["split"] == split]
     if rows and not all(str(row["image_id"]).lstrip("-").isdigit() for row in rows):
         mapping = _integer_ids(str(row["image_id"]) for row in rows)
         rows = [{**row, "image_id": mapping[str(row["image_id"])]} for row in rows]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-TASK = "speech-image-retrieval"
+from .pipeline_c2f import TASK
 METRIC_NAMES = {"s2i": "speech→image", "i2s": "image→speech"}
 
 
@@ -46,12 +46,26 @@ def build_model_card(template: str | Path, repo_id: str, config, results: dict, 
     )
 
 
+def ensure_repo(repo_id: str, token: str | None = None, private: bool | None = None) -> HfApi:
+    """Create (or find) the Hub repository, or fail with one clear line: called before training, so a missing token or
+    network fails in seconds, not after the whole run."""
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, exist_ok=True, private=private)
+    except Exception as error:  # httpx, HfHubHTTPError, OfflineModeIsEnabled...: the message is what matters
+        raise ValueError(
+            f"--push_to_hub: could not create or reach the Hub repository {repo_id!r} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no message'}). Log in with `hf auth login` or pass "
+            "--hub_token, check the network, or drop --push_to_hub."
+        ) from error
+    return api
+
+
 def push_folder(folder: str | Path, repo_id: str, card: ModelCard, token: str | None = None, private: bool | None = None) -> str:
     """Write README.md (the card) into `folder` and upload weights, processor, code files and card."""
     folder = Path(folder)
     card.save(folder / "README.md")
-    api = HfApi(token=token)
-    api.create_repo(repo_id, exist_ok=True, private=private)
+    api = ensure_repo(repo_id, token, private)
     api.upload_folder(
         repo_id=repo_id, folder_path=str(folder), commit_message="Upload c2f model",
         ignore_patterns=["checkpoint-*", "checkpoint-*/**", "*.tmp", "image_features*", "runs/**", "training_args.bin"],

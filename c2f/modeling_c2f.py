@@ -570,7 +570,20 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
 
     # ---------------------------------------------------------------- encoders
 
+    def _check_clip_lengths(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """A clip shorter than one frame's receptive field would crash the convolutions alone, and in a batch would be
+        read through its padding (a 1-sample clip once ranked first in an audio index)."""
+        lengths = attention_mask.sum(dim=1) if attention_mask is not None else torch.tensor([input_values.shape[1]])
+        needed = self.config.min_audio_samples
+        short = (lengths < needed).nonzero().flatten().tolist()
+        if short:
+            raise ValueError(
+                f"speech clip {short[0]} has {int(lengths[short[0]])} samples ({len(short)} clip(s) too short); this "
+                f"model needs at least {needed} samples at 16 kHz ({1000 * needed / 16000:.0f} ms) per clip"
+            )
+
     def _speech_frames(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None):
+        self._check_clip_lengths(input_values, attention_mask)
         speech_model = self.speech_model
         weighted = self.speech_layer_weights is not None
         if self.config.speech_front_end == "log_mel":

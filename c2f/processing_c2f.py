@@ -112,6 +112,10 @@ def load_image(item: ImageLike, index: int = 0) -> Image.Image | np.ndarray | to
     if isinstance(item, (np.ndarray, torch.Tensor)):
         if item.ndim != 3 or not ({item.shape[0], item.shape[-1]} & {1, 3}):
             raise ValueError(f"image {label} has shape {tuple(item.shape)}; expected [H, W, 3] or [3, H, W]")
+        if item.dtype.is_floating_point if isinstance(item, torch.Tensor) else np.issubdtype(item.dtype, np.floating):
+            # The image processor divides by 255; a float image in [0, 1] would come out nearly black.
+            if float(item.max()) <= 1.0 and float(item.min()) >= 0.0:
+                return item * 255.0
         return item
     raise ValueError(f"image {label} is a {type(item).__name__}; expected a file path, PIL image or array")
 
@@ -153,6 +157,12 @@ class C2FProcessor(ProcessorMixin):
         return self.feature_extractor.sampling_rate
 
     def prepare_audio(self, audio: AudioLike | Sequence[AudioLike], sampling_rate: int | None = None) -> list:
+        if isinstance(audio, (np.ndarray, torch.Tensor)) and audio.ndim != 1:
+            # [2, N] could be one stereo clip or two mono clips, [N, 2] one stereo clip: guessing was wrong either way.
+            raise ValueError(
+                f"audio is one array of shape {tuple(audio.shape)}: ambiguous between one multi-channel clip and a "
+                "batch; pass one clip as a 1-D array, or a list of clips (each [samples] or [channels, samples])"
+            )
         items = _as_list(audio, (str, os.PathLike, dict))
         return [load_audio(item, self.sampling_rate, sampling_rate, index) for index, item in enumerate(items)]
 

@@ -96,6 +96,15 @@ def test_validation_lists_the_first_offenders_and_the_count(tmp_path):
         load_manifest(tmp_path / "train_only.jsonl", split="test")
 
 
+def test_manifest_rows_without_a_split_are_refused_when_a_split_is_asked(tmp_path):
+    _wav(tmp_path / "a.wav"); _jpg(tmp_path / "x.png")
+    row = dict(audio="a.wav", image="x.png", image_id=0)
+    (tmp_path / "m.jsonl").write_text(json.dumps({**row, "split": "train"}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no 'split' \(first: row 2\); asked for split 'test'"):
+        load_manifest(tmp_path / "m.jsonl", split="test")
+    assert len(load_manifest(tmp_path / "m.jsonl")) == 2  # no split asked: the whole manifest
+
+
 def test_shipped_demo_splits_hold_out_voices_and_colour_shape_pairs():
     train, test = load_demo("train"), load_demo("test")
     assert len(train) > 1000 and len(test) > 300 and len(load_demo("validation")) > 100
@@ -104,6 +113,9 @@ def test_shipped_demo_splits_hold_out_voices_and_colour_shape_pairs():
     assert not any(pair in caption for caption in train["caption"] for pair in held_out)
     assert all(any(pair in caption for pair in held_out) for caption in test["caption"])
     assert not set(train["image_id"]) & set(test["image_id"])
+    unseen = load_demo("validation_unseen_voices")
+    assert len(unseen) == 240 and not set(unseen["speaker"]) & (set(train["speaker"]) | set(test["speaker"]))
+    assert not set(unseen["image_id"]) & (set(train["image_id"]) | set(test["image_id"]))
     shifted = load_speech_image_dataset("demo-shifted", "test")
     assert len(shifted) > 100 and not set(shifted["speaker"]) & set(train["speaker"])
 

@@ -1,6 +1,7 @@
 """Two CPU processes (gloo) must train exactly like one process with the same global batch."""
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +12,16 @@ from safetensors.torch import load_file
 HELPER = Path(__file__).with_name("distributed_parity.py")
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _run(out: Path, processes: int, per_device_batch: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HELPER.parent.parent)}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-               "--master_port", str(29500 + processes), str(HELPER), str(out), str(per_device_batch)]
+               "--master_port", str(_free_port()), str(HELPER), str(out), str(per_device_batch)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return load_file(out / "parity.safetensors")

@@ -115,3 +115,19 @@ def test_real_checkpoint_front_ends_are_hubert_and_blip2_modules():
 def test_config_rejects_unusable_front_ends(overrides, message):
     with pytest.raises(ValueError, match=message):
         tiny_config(**overrides)
+
+
+def test_clips_shorter_than_one_frame_are_refused_alone_and_in_a_batch(model, processor):
+    needed = model.config.min_audio_samples
+    assert needed == (((1 - 1) * 2 + 3 - 1) * 2 + 3 - 1) * 160 + 400  # log-mel window, then two stride-2 Conv1d
+    assert C2FSpeechImageModel(tiny_config(speech_front_end="waveform",
+                                           speech_config=dict(conv_kernel=(10, 3, 3, 3, 3, 2, 2), conv_stride=(5, 2, 2, 2, 2, 2, 2),
+                                                              conv_dim=(8,) * 7, num_feat_extract_layers=7, hidden_size=64,
+                                                              num_hidden_layers=1, num_attention_heads=4,
+                                                              intermediate_size=64))).config.min_audio_samples == 400
+    model.eval()
+    short, long = _clips(needed - 1, 16000)
+    for clips in ([short], [long, short]):
+        with pytest.raises(ValueError, match=rf"has {needed - 1} samples .*at least {needed} samples"):
+            model.get_speech_features(**processor(audio=clips))
+    assert model.get_speech_features(**processor(audio=_clips(needed))).shape == (1, model.config.embed_dim)

@@ -86,3 +86,18 @@ def test_unreadable_files_name_the_file(tmp_path, processor):
 def test_processor_needs_some_input(processor):
     with pytest.raises(ValueError, match="needs audio"):
         processor()
+
+
+def test_float_images_in_unit_range_equal_their_uint8_version(processor):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    as_uint8 = processor(images=[pixels])["pixel_values"]
+    as_unit_float = processor(images=[pixels.astype(np.float32) / 255])["pixel_values"]
+    assert torch.allclose(as_unit_float, as_uint8, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, 16000), (16000, 2)])
+def test_one_two_dimensional_audio_array_is_refused_as_ambiguous(processor, shape):
+    with pytest.raises(ValueError, match=r"ambiguous between one multi-channel clip and a batch"):
+        processor(audio=np.zeros(shape, dtype=np.float32))
+    assert processor(audio=[np.zeros(shape, dtype=np.float32)])["input_values"].shape == (1, 16000)

@@ -7,6 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from huggingface_hub import HfApi
@@ -79,3 +80,47 @@ def test_one_seed_gives_one_model(tmp_path, one_thread):
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert not all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])
+
+
+def test_an_eval_strategy_still_trains_and_evaluation_only_is_explicit(tmp_path):
+    """transformers turns do_eval on for any eval strategy; that once skipped training silently."""
+    script = _load_script()
+    common = ["--per_device_train_batch_size", "8", "--test_split", "validation", "--report_splits", "",
+              "--k_test", "0", "--skip_file_check", "true"]
+    trained = tmp_path / "trained"
+    script.main(["--output_dir", str(trained), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+                 "--use_queue", "false", "--use_distillation", "false", *common])
+    state = json.loads((trained / "trainer_state.json").read_text()) if (trained / "trainer_state.json").exists() else None
+    assert (trained / "model.safetensors").is_file()
+    assert state is None or state["global_step"] == 2
+    evaluated = tmp_path / "evaluated"
+    results = script.main(["--output_dir", str(evaluated), "--model_name_or_path", str(trained),
+                           "--evaluation_only", "true", *common])
+    assert set(results) == {"demo validation"}
+    assert not (evaluated / "model.safetensors").exists()  # nothing trained, nothing saved
+
+
+def test_push_to_hub_fails_before_training_when_the_hub_is_unreachable(tmp_path, monkeypatch):
+    def offline(self, repo_id, **kwargs):
+        raise ConnectionError("Failed to resolve 'huggingface.co'")
+
+    monkeypatch.setattr(HfApi, "create_repo", offline)
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"--push_to_hub: could not create or reach the Hub repository 'someone/x'"):
+        _load_script().main(["--output_dir", str(out), "--max_steps", "1", "--push_to_hub", "--hub_model_id",
+                             "someone/x", "--skip_file_check", "true"])
+    assert not (out / "model.safetensors").exists()  # refused before any training
+
+
+def test_a_bad_test_file_fails_before_training(tmp_path):
+    from c2f.data import load_demo
+
+    rows = [dict(load_demo("validation")[i], split=split) for i, split in ((0, "train"), (3, "train"), (6, "validation"))]
+    (tmp_path / "broken.wav").write_text("not audio")
+    rows.append(dict(rows[0], audio=str(tmp_path / "broken.wav"), split="test"))
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"(?s)manifest test: 1 bad file.*broken.wav: unreadable"):
+        _load_script().main(["--dataset", "manifest", "--data_dir", str(tmp_path / "m.jsonl"), "--output_dir", str(out),
+                             "--max_steps", "1", "--per_device_train_batch_size", "2"])
+    assert not (out / "model.safetensors").exists()

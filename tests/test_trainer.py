@@ -80,11 +80,10 @@ def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):
         assert torch.allclose(expected, actual, atol=1e-6), name
 
 
-def test_queue_size_must_divide_by_the_batch(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=1)
-    trainer.args.queue_size = 6
-    with pytest.raises(ValueError, match="multiple of the global batch"):
-        trainer.train()
+def test_a_queue_of_any_size_from_the_batch_up_works(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=3, queue_size=6)  # not a multiple of the batch of 4
+    trainer.train()
+    assert trainer.queue.filled == 6 and trainer.queue.pointer == (3 * 4) % 6
 
 
 def test_resuming_a_checkpoint_without_c2f_state_is_refused(tmp_path):

@@ -8,7 +8,7 @@ from transformers import TrainingArguments
 class C2FTrainingArguments(TrainingArguments):
     """Training arguments plus the ALBEF-style knobs (defaults from the design card) and ablation switches."""
 
-    queue_size: int = field(default=65536, metadata={"help": "SIC embedding queue length; a multiple of the global batch size."})
+    queue_size: int = field(default=65536, metadata={"help": "SIC embedding queue length (a ring buffer: any size from the global batch size up)."})
     momentum: float = field(default=0.995, metadata={"help": "EMA factor of the momentum model, per optimizer step."})
     distill_alpha: float = field(default=0.4, metadata={"help": "Weight of the momentum model's soft SIC targets."})
     alpha_warmup_epochs: float = field(default=1.0, metadata={"help": "Ramp alpha linearly from 0 over this many epochs (counted from momentum_start_epochs)."})

@@ -56,11 +56,6 @@ class C2FTrainer(Trainer):
         args = self.args
         if not (args.use_queue or args.use_distillation):
             return  # nothing reads momentum features: no copy to build and update every step
-        if args.use_queue and args.queue_size % (args.per_device_train_batch_size * max(1, args.world_size)) != 0:
-            raise ValueError(
-                f"queue_size ({args.queue_size}) must be a multiple of the global batch size "
-                f"({args.per_device_train_batch_size} x {max(1, args.world_size)} processes)"
-            )
         self.momentum_model = MomentumModel(model, args.momentum)
         device = next(model.parameters()).device
         self.queue = EmbeddingQueue(args.queue_size, model.config.embed_dim, device) if args.use_queue else None
