@@ -14,19 +14,21 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .retrieval import SpeechImageIndex
+from .retrieval import SpeechImageIndex, index_lock
 
 THUMBNAIL = 160
 
 
 def _load_model(model_dir: str):
-    from transformers import AutoProcessor
-
+    """c2f's own classes from a local folder: no code from the folder (or from an index naming it) is ever run."""
     from .modeling_c2f import C2FSpeechImageModel
+    from .processing_c2f import C2FProcessor
 
+    if not Path(model_dir).is_dir():
+        raise ValueError(f"{model_dir} is not a local folder; pass --model with a trained c2f folder")
     try:
         model = C2FSpeechImageModel.from_pretrained(model_dir).eval()
-        processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
+        processor = C2FProcessor.from_pretrained(model_dir)
     except OSError as error:
         raise ValueError(f"cannot load a c2f model from {model_dir}: {error}") from error
     return model, processor
@@ -37,7 +39,7 @@ def _model_dir_of(index: SpeechImageIndex, index_dir: str, override: str | None)
         return override
     if not index.model_path:
         raise ValueError(f"{index_dir} does not record its model; pass --model")
-    return index.model_path
+    return index.model_path  # a fingerprint check follows: a folder holding another model is refused
 
 
 def index_main(argv=None) -> int:
@@ -64,20 +66,23 @@ def index_main(argv=None) -> int:
             modality, folder = ("image", args.images) if args.images else ("audio", args.audios)
             index = SpeechImageIndex.build(model, processor, folder, modality, batch_size=args.batch_size)
             index.model_path = str(Path(args.model).resolve())
-            index.save(args.out)
+            with index_lock(args.out):
+                index.save(args.out)
             print(f"indexed {len(index)} {modality}s -> {args.out}")
         elif args.command == "add":
-            index = SpeechImageIndex.load(args.index)
-            model_dir = _model_dir_of(index, args.index, args.model)
-            model, processor = _load_model(model_dir)
-            index.add(model, processor, args.files)
-            index.model_path = str(Path(model_dir).resolve())
-            index.save(args.index)
+            with index_lock(args.index):  # load, add and save as one step against other writers
+                index = SpeechImageIndex.load(args.index)
+                model_dir = _model_dir_of(index, args.index, args.model)
+                model, processor = _load_model(model_dir)
+                index.add(model, processor, args.files)
+                index.model_path = str(Path(model_dir).resolve())
+                index.save(args.index)
             print(f"index now holds {len(index)} items")
         else:
-            index = SpeechImageIndex.load(args.index)
-            index.remove(args.ids)
-            index.save(args.index)
+            with index_lock(args.index):
+                index = SpeechImageIndex.load(args.index)
+                index.remove(args.ids)
+                index.save(args.index)
             print(f"index now holds {len(index)} items")
     except (ValueError, KeyError) as error:
         print(f"c2f-index: error: {error}", file=sys.stderr)

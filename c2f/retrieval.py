@@ -1,9 +1,11 @@
 """A searchable gallery of images (or recordings) for a c2f model: exact coarse search over stored embeddings, then
 SIM re-rank of the top candidates.
 
-On disk an index is a folder: `embeddings.safetensors` (the gallery as two int8 planes plus per-row scales, read
-memory-mapped; see `quantized_gallery` for why not float16) and `index.json` (the format, the modality, a fingerprint of
-the model that built it, and one record per item: id, path, extra fields). No pickle.
+On disk an index is a folder: `embeddings-<version>.safetensors` (the gallery as two int8 planes plus per-row scales,
+read memory-mapped; see `quantized_gallery` for why not float16) and `index.json` (the format, the modality, a
+fingerprint of the model that built it, the name of its embeddings file, and one record per item: id, absolute path,
+extra fields). `index.json` is replaced last and atomically, so it is the commit point of every save. No pickle, and
+nothing in the folder is ever executed.
 
 The SIM head needs the candidates' token sequences, not just their pooled embeddings. Storing them would cost
 `(1 + patches) x vision_hidden` floats per image (257 x 1408 for BLIP-2's ViT-g: 700 KB in float16, 700 GB per
@@ -14,7 +16,9 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -53,6 +57,31 @@ def list_media(folder: str | os.PathLike, modality: str) -> list[str]:
     if not files:
         raise ValueError(f"{folder} holds no {modality} files (looked for {', '.join(suffixes)})")
     return files
+
+
+def _embeddings_file_of(folder: Path, metadata: dict | None = None) -> Path | None:
+    """The embeddings file `index.json` names (indexes written before versioned files: the fixed name)."""
+    if metadata is None:
+        try:
+            metadata = json.loads((folder / METADATA_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+    return folder / metadata.get("embeddings_file", EMBEDDINGS_FILE)
+
+
+@contextmanager
+def index_lock(folder: str | os.PathLike):
+    """Serialises edits of one index folder across processes (an advisory `fcntl` lock on `FOLDER.lock`): two
+    `c2f-index add` at once each load, add and save in turn, so neither addition is lost."""
+    import fcntl
+
+    lock_path = Path(f"{os.fspath(folder).rstrip(os.sep)}.lock")
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class SpeechImageIndex:
@@ -131,7 +160,8 @@ class SpeechImageIndex:
         ids = [str(i) for i in ids] if ids is not None else [str(p) for p in paths]
         if len(ids) != len(paths) or len(set(ids)) != len(ids):
             raise ValueError("ids must be unique and one per item")
-        return [{"id": item_id, "path": str(path)} for item_id, path in zip(ids, paths)]
+        # Absolute paths: re-ranking re-reads the files, and a search run from another folder must find the same ones.
+        return [{"id": item_id, "path": str(Path(path).resolve())} for item_id, path in zip(ids, paths)]
 
     def add(self, model, processor, items, ids: Sequence[str] | None = None, batch_size: int = 32) -> None:
         """Embed and append new items; ids must not be in the index yet."""
@@ -162,30 +192,44 @@ class SpeechImageIndex:
     # ------------------------------------------------------------------ persistence
 
     def save(self, folder: str | os.PathLike) -> None:
+        """One atomic step: the embeddings go to a new file, then `index.json`, which names that file, replaces the old
+        one. A crash at any point leaves the old index or the new one, never a mix; the old embeddings file is removed
+        only once nothing names it. Concurrent writers should hold `index_lock(folder)` (the CLI does)."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
+        previous = _embeddings_file_of(folder)
+        token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        embeddings_name = f"embeddings-{token}.safetensors"
         metadata = {"format": INDEX_FORMAT, "modality": self.modality, "model_fingerprint": self.fingerprint,
-                    "embed_dim": self.gallery.dim, "model_path": self.model_path, "records": self.records}
-        metadata_tmp, embeddings_tmp = folder / (METADATA_FILE + ".tmp"), folder / (EMBEDDINGS_FILE + ".tmp")
+                    "embed_dim": self.gallery.dim, "model_path": self.model_path, "embeddings_file": embeddings_name,
+                    "records": self.records}
+        metadata_tmp = folder / f"{METADATA_FILE}.{token}.tmp"
         metadata_tmp.write_text(json.dumps(metadata))
-        save_file({name: tensor.contiguous() for name, tensor in self.gallery.tensors().items()}, str(embeddings_tmp))
-        shutil.copymode(metadata_tmp, embeddings_tmp)  # safetensors creates files 0600; an index is shared like any file
-        os.replace(embeddings_tmp, folder / EMBEDDINGS_FILE)
-        os.replace(metadata_tmp, folder / METADATA_FILE)
+        save_file({name: tensor.contiguous() for name, tensor in self.gallery.tensors().items()}, str(folder / embeddings_name))
+        shutil.copymode(metadata_tmp, folder / embeddings_name)  # safetensors creates files 0600; an index is shared
+        os.replace(metadata_tmp, folder / METADATA_FILE)  # the commit point
+        if previous is not None and previous.name != embeddings_name and previous.exists():
+            previous.unlink()
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "SpeechImageIndex":
+        """Reads data only: nothing in an index folder is ever executed or imported."""
         folder = Path(folder)
-        for name in (EMBEDDINGS_FILE, METADATA_FILE):
-            if not (folder / name).is_file():
-                raise ValueError(f"{folder} is not a c2f index: {name} is missing")
-        metadata = json.loads((folder / METADATA_FILE).read_text())
+        if not (folder / METADATA_FILE).is_file():
+            raise ValueError(f"{folder} is not a c2f index: {METADATA_FILE} is missing")
+        try:
+            metadata = json.loads((folder / METADATA_FILE).read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{folder / METADATA_FILE} is not valid JSON ({error}); rebuild the index") from error
         if metadata.get("format") != INDEX_FORMAT:
             raise ValueError(f"{folder / METADATA_FILE}: index format {metadata.get('format')!r}, this c2f reads format "
                              f"{INDEX_FORMAT}; rebuild the index with `c2f-index build`")
-        with safe_open(str(folder / EMBEDDINGS_FILE), framework="pt") as handle:  # memory-mapped, not read
+        embeddings = _embeddings_file_of(folder, metadata)
+        if not embeddings.is_file():
+            raise ValueError(f"{folder} is not a c2f index: {embeddings.name}, named by {METADATA_FILE}, is missing")
+        with safe_open(str(embeddings), framework="pt") as handle:  # memory-mapped, not read
             gallery = QuantizedEmbeddings.from_tensors({name: handle.get_tensor(name) for name in handle.keys()},
-                                                       source=str(folder / EMBEDDINGS_FILE))
+                                                       source=str(embeddings))
         if len(gallery) != len(metadata["records"]):
             raise ValueError(f"{folder}: {len(gallery)} embeddings but {len(metadata['records'])} records")
         return cls(gallery, metadata["records"], metadata["modality"], metadata["model_fingerprint"], metadata.get("model_path"))

@@ -36,7 +36,8 @@ def test_index_round_trip_search_add_remove(tmp_path, folders, model, processor)
     assert len(index) == 12
     index.save(tmp_path / "index")
     files = sorted((tmp_path / "index").iterdir())
-    assert [f.name for f in files] == ["embeddings.safetensors", "index.json"]
+    named = json.loads((tmp_path / "index" / "index.json").read_text())["embeddings_file"]
+    assert [f.name for f in files] == [named, "index.json"] and named.startswith("embeddings-")
     assert files[0].stat().st_mode == files[1].stat().st_mode  # both as the umask allows, not 0600
     loaded = SpeechImageIndex.load(tmp_path / "index")
     assert torch.equal(loaded.embeddings, index.embeddings) and loaded.records == index.records

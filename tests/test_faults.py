@@ -1,0 +1,122 @@
+"""c2f's own fault and bad-input suite: what an index, a checkpoint and the inputs promise under crashes, concurrent
+writers and careless or hostile files."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import c2f.retrieval
+from c2f import save_for_pipeline
+from c2f.cli import index_main, search_main
+from c2f.retrieval import SpeechImageIndex, index_lock
+
+
+def _images(folder, count, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for number in range(count):
+        path = folder / f"img{seed}-{number:02d}.png"
+        Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+@pytest.fixture
+def built(tmp_path, model, processor):
+    model.eval()
+    index = SpeechImageIndex.build(model, processor, _images(tmp_path / "images", 6), "image", progress=False)
+    index.save(tmp_path / "index")
+    return index
+
+
+@pytest.mark.parametrize("crash_at", ["save_file", "copymode", "replace", "unlink"])
+def test_a_crash_at_any_step_of_a_save_leaves_an_index_that_loads(tmp_path, built, model, processor, monkeypatch, crash_at):
+    before = SpeechImageIndex.load(tmp_path / "index")
+    after = SpeechImageIndex.load(tmp_path / "index")
+    after.add(model, processor, _images(tmp_path / "more", 2, seed=1))
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt(f"killed at {crash_at}")
+
+    target = {"save_file": (c2f.retrieval, "save_file"), "copymode": (c2f.retrieval.shutil, "copymode"),
+              "replace": (c2f.retrieval.os, "replace"), "unlink": (type(tmp_path), "unlink")}[crash_at]
+    monkeypatch.setattr(*target, crash)
+    with pytest.raises(KeyboardInterrupt):
+        after.save(tmp_path / "index")
+    monkeypatch.undo()
+    loaded = SpeechImageIndex.load(tmp_path / "index")
+    # Before the commit point the old index, from it on the new one; never a mix.
+    expected = after if crash_at == "unlink" else before
+    assert loaded.records == expected.records and torch.equal(loaded.embeddings, expected.embeddings)
+
+
+def test_concurrent_writers_lose_nothing(tmp_path, model, processor):
+    model.eval()
+    save_for_pipeline(model, processor, tmp_path / "model")
+    _images(tmp_path / "images", 4)
+    assert index_main(["build", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
+                       "--out", str(tmp_path / "index")]) == 0
+    new = _images(tmp_path / "new", 3, seed=2)
+    # Separate processes, as two shells would run them (forking a process that has run torch can deadlock).
+    script = "import sys; from c2f.cli import index_main; sys.exit(index_main(sys.argv[1:]))"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    writers = [subprocess.Popen([sys.executable, "-c", script, "add", "--index", str(tmp_path / "index"), image], env=env)
+               for image in new]
+    assert [writer.wait(timeout=300) for writer in writers] == [0] * len(new)
+    index = SpeechImageIndex.load(tmp_path / "index")
+    assert len(index) == 7 and {r["path"] for r in index.records} >= set(new)
+    assert len([f for f in os.listdir(tmp_path / "index") if f.startswith("embeddings-")]) == 1  # no leftovers
+
+
+def test_an_index_searched_from_another_folder_reads_the_same_files(tmp_path, model, processor, monkeypatch):
+    model.eval()
+    monkeypatch.chdir(tmp_path)
+    _images(tmp_path / "photos", 3)
+    index = SpeechImageIndex.build(model, processor, "photos", "image", progress=False)
+    assert all(os.path.isabs(r["path"]) for r in index.records)
+    index.save("index")
+    (tmp_path / "elsewhere" / "photos").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "elsewhere")  # holds a "photos" folder of its own, empty
+    loaded = SpeechImageIndex.load(tmp_path / "index")
+    assert all(path.startswith(str(tmp_path / "photos")) for path in (r["path"] for r in loaded.records))
+
+
+def test_opening_an_index_runs_no_code_from_its_model_folder(tmp_path, model, processor, capsys):
+    model.eval()
+    save_for_pipeline(model, processor, tmp_path / "model")
+    marker = tmp_path / "payload-ran"
+    for name in ("processing_c2f.py", "modeling_c2f.py", "configuration_c2f.py"):
+        path = tmp_path / "model" / name
+        path.write_text(f"open({str(marker)!r}, 'w').write('x')\n" + path.read_text())
+    _images(tmp_path / "images", 3)
+    assert index_main(["build", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
+                       "--out", str(tmp_path / "index")]) == 0
+    query = tmp_path / "q.wav"
+    import soundfile
+
+    soundfile.write(query, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 16000)
+    assert search_main(["--index", str(tmp_path / "index"), str(query), "--top-k", "2"]) == 0
+    assert not marker.exists()
+    # A model path that is not a local folder (e.g. a Hub id planted in index.json) is refused, not fetched.
+    metadata = json.loads((tmp_path / "index" / "index.json").read_text())
+    metadata["model_path"] = "someone/evil-model"
+    (tmp_path / "index" / "index.json").write_text(json.dumps(metadata))
+    assert search_main(["--index", str(tmp_path / "index"), str(query)]) == 2
+    assert "someone/evil-model is not a local folder" in capsys.readouterr().err
+
+
+def test_index_lock_is_exclusive(tmp_path):
+    script = ("import sys, time; from c2f.retrieval import index_lock\n"
+              "with index_lock(sys.argv[1]): print('got it', flush=True)")
+    with index_lock(tmp_path / "index"):
+        waiter = subprocess.Popen([sys.executable, "-c", script, str(tmp_path / "index")], stdout=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiter.wait(timeout=3)  # blocked while we hold the lock
+    assert waiter.wait(timeout=60) == 0 and waiter.stdout.read() == "got it\n"
