@@ -24,6 +24,7 @@ from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_re
 from c2f.hub import build_model_card, ensure_repo, push_folder
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
+from c2f.training.trainer import last_complete_checkpoint
 from c2f.training.feature_cache import ImageFeatureCache
 
 logger = logging.getLogger("run_retrieval")
@@ -103,6 +104,21 @@ def speech_augmentation(data_args: DataArguments, seed: int) -> SpeechAugmentati
         noise_snr_db=(data_args.noise_min_snr_db, data_args.noise_max_snr_db),
         seed=seed,
     )
+
+
+def resume_point(training_args) -> str | None:
+    """`--resume_from_checkpoint true` means the newest *complete* checkpoint of the output folder: one cut short by a
+    kill while saving or rotating is passed over, with a warning."""
+    wanted = training_args.resume_from_checkpoint
+    if wanted is None or str(wanted).lower() not in ("true", "1", "yes"):
+        return wanted
+    found = last_complete_checkpoint(training_args.output_dir)
+    if found is None:
+        raise ValueError(f"--resume_from_checkpoint: no complete checkpoint in {training_args.output_dir}")
+    newest = max(Path(training_args.output_dir).glob("checkpoint-*"), key=lambda path: path.stat().st_mtime)
+    if Path(found) != newest:
+        logger.warning("resuming from %s: the newer %s is incomplete", found, newest)
+    return found
 
 
 def report_splits(data_args: DataArguments) -> list[str]:
@@ -218,7 +234,7 @@ def main(argv=None):
         processor=processor,
     )
     if train is not None:
-        trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume_point(training_args))
         trainer.save_model(training_args.output_dir)
         if trainer.is_world_process_zero():  # + processor + pipeline code, for pipeline(..., model=output_dir)
             save_for_pipeline(trainer.accelerator.unwrap_model(trainer.model), processor, training_args.output_dir)

@@ -11,18 +11,18 @@ from c2f.data import SpeechImageCollator, load_demo
 from c2f.modeling_c2f import C2FSpeechImageModel
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
-from c2f.training.trainer import STATE_FILE
+from c2f.training.trainer import STATE_FILE, last_complete_checkpoint
 
 
 def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, **overrides):
     torch.manual_seed(0)
     model = C2FSpeechImageModel(tiny_config(freeze_image_backbone=False, hidden_dropout=0.0))
     processor = tiny_processor()
-    settings = dict(per_device_train_batch_size=4)
+    settings = dict(per_device_train_batch_size=4, queue_size=8)
     settings.update(overrides)
     args = C2FTrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=1e-3,
-        queue_size=8, save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
         logging_steps=1, report_to="none", seed=7, data_seed=7, use_cpu=True, dataloader_num_workers=0,
         **settings,
     )
@@ -86,12 +86,20 @@ def test_a_queue_of_any_size_from_the_batch_up_works(tmp_path):
     assert trainer.queue.filled == 6 and trainer.queue.pointer == (3 * 4) % 6
 
 
-def test_resuming_a_checkpoint_without_c2f_state_is_refused(tmp_path):
-    trainer = _trainer(tmp_path, max_steps=2, save_steps=2)
+def test_incomplete_checkpoints_are_refused_and_passed_over(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=4, save_steps=2, save_total_limit=1)
     trainer.train()
-    os.remove(tmp_path / "checkpoint-2" / STATE_FILE)
-    with pytest.raises(ValueError, match="not written by C2FTrainer"):
-        _trainer(tmp_path, max_steps=4, save_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    # c2f's state is written before Trainer rotates old checkpoints: the one left holds it.
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / STATE_FILE).is_file()
+    trainer = _trainer(tmp_path, max_steps=6, save_steps=2)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+    for name in (STATE_FILE, "optimizer.pt", "trainer_state.json"):  # a kill while saving or rotating
+        os.remove(tmp_path / "checkpoint-6" / name)
+        assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-4")
+        with pytest.raises(ValueError, match=rf"not a complete C2FTrainer checkpoint \(missing: .*{name}.*resume from .*checkpoint-4"):
+            _trainer(tmp_path, max_steps=8, save_steps=2).train(resume_from_checkpoint=str(tmp_path / "checkpoint-6"))
 
 
 def test_loss_falls_over_a_short_run(tmp_path):

@@ -23,6 +23,26 @@ def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(distributed.all_gather(tensor), dim=0)
 
 
+def missing_checkpoint_files(folder: str | os.PathLike) -> list[str]:
+    """What an exact resume needs and `folder` lacks. `trainer_state.json` is written last, so a checkpoint killed while
+    saving lacks it; one killed while being rotated away lacks some of the others."""
+    folder = Path(folder)
+    needed = [TRAINER_STATE_NAME, STATE_FILE, "optimizer.pt", "scheduler.pt"]
+    missing = [name for name in needed if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        missing.append("model.safetensors")
+    return missing
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` under `output_dir` that holds everything an exact resume needs (None if none does)."""
+    folders = [path for path in Path(output_dir).glob("checkpoint-*") if path.name.split("-")[-1].isdigit()]
+    for folder in sorted(folders, key=lambda path: int(path.name.split("-")[-1]), reverse=True):
+        if not missing_checkpoint_files(folder):
+            return str(folder)
+    return None
+
+
 class _MomentumUpdate(TrainerCallback):
     def __init__(self, trainer: "C2FTrainer"):
         self.trainer = trainer
@@ -67,20 +87,27 @@ class C2FTrainer(Trainer):
             state.update(self.queue.state_dict())
         return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
+    def _save_optimizer_and_scheduler(self, output_dir):
+        """The queue and the momentum weights are optimizer-like state, written with the optimizer: inside the
+        checkpoint folder before Trainer writes `trainer_state.json` and rotates older checkpoints, so no checkpoint
+        becomes the last one without them."""
+        super()._save_optimizer_and_scheduler(output_dir)
         if not self.args.should_save:
             return
-        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-        path = os.path.join(folder, STATE_FILE)
+        path = os.path.join(output_dir, STATE_FILE)
         save_file(self.training_state_dict(), path + ".tmp", metadata={"global_step": str(self.state.global_step)})
         os.replace(path + ".tmp", path)  # atomic: a crash leaves the old file or none, never half a file
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        missing = missing_checkpoint_files(resume_from_checkpoint)
+        if missing:
+            raise ValueError(
+                f"{resume_from_checkpoint} is not a complete C2FTrainer checkpoint (missing: {', '.join(missing)}): it was "
+                f"cut short while saving or deleting, or not written by C2FTrainer; resume from "
+                f"{last_complete_checkpoint(os.path.dirname(os.path.abspath(resume_from_checkpoint))) or 'an earlier one'}"
+            )
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(f"{resume_from_checkpoint} has no {STATE_FILE}: it was not written by C2FTrainer")
         self._ensure_training_state()
         state = load_file(path)
         if self.momentum_model is not None:
