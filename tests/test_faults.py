@@ -120,3 +120,21 @@ def test_index_lock_is_exclusive(tmp_path):
         with pytest.raises(subprocess.TimeoutExpired):
             waiter.wait(timeout=3)  # blocked while we hold the lock
     assert waiter.wait(timeout=60) == 0 and waiter.stdout.read() == "got it\n"
+
+
+def test_feature_cache_is_rebuilt_when_the_images_behind_the_ids_change(tmp_path, model, processor):
+    from datasets import Dataset
+
+    from c2f.training.feature_cache import ImageFeatureCache
+
+    paths = _images(tmp_path / "images", 3)
+    rows = lambda files: Dataset.from_dict({"image": files, "image_id": list(range(len(files))), "audio": files})
+    first = ImageFeatureCache.build(model.vision_model, processor, rows(paths), tmp_path / "cache")
+    # The dataset loses its first image: ids 0 and 1 now stand for other files.
+    second = ImageFeatureCache.build(model.vision_model, processor, rows(paths[1:]), tmp_path / "cache")
+    assert second.path != first.path
+    with torch.no_grad():
+        expected = model.vision_model(pixel_values=processor(images=[paths[1]])["pixel_values"]).last_hidden_state[0]
+    assert torch.allclose(second[0], expected, atol=1e-5)
+    again = ImageFeatureCache.build(model.vision_model, processor, rows(paths[1:]), tmp_path / "cache")
+    assert again.path == second.path  # unchanged files: reused

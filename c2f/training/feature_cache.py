@@ -1,8 +1,9 @@
 """Frozen image-backbone features, computed once per image and read back memory-mapped in later epochs.
 
 With the BLIP-2 tower frozen (the default) its output for an image never changes, so recomputing ViT-g every epoch
-is pure waste. The cache file name carries a fingerprint of the tower's weights and config: features from another
-backbone are never reused by mistake.
+is pure waste. The cache file name carries fingerprints of the tower's weights and config and of the image files
+(path, size, modification time): features from another backbone, or of other files under the same image ids, are
+never reused by mistake.
 """
 
 import hashlib
@@ -31,6 +32,25 @@ def backbone_fingerprint(vision_model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def images_fingerprint(dataset: Dataset, first_row: dict[int, int]) -> str:
+    """Which file each image id stands for: path, size and modification time (the bytes, for in-memory images). A
+    cache keyed by image id alone handed 31 of 31 ids another image's features once a dataset lost one image."""
+    digest = hashlib.sha256()
+    for image_id, row in sorted(first_row.items()):
+        image = dataset[row]["image"]
+        digest.update(f"{image_id}:".encode())
+        if isinstance(image, dict):
+            image = image.get("path") if image.get("bytes") is None else image["bytes"]
+        if isinstance(image, (str, os.PathLike)):
+            stat = os.stat(image)
+            digest.update(f"{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+        elif isinstance(image, bytes):
+            digest.update(hashlib.sha256(image).digest())
+        else:  # a decoded image (PIL)
+            digest.update(hashlib.sha256(image.tobytes()).digest())
+    return digest.hexdigest()[:16]
+
+
 class ImageFeatureCache:
     """`cache[image_id]` -> the vision tower's last hidden state `[1 + patches, hidden]` for that image."""
 
@@ -56,8 +76,10 @@ class ImageFeatureCache:
     def build(cls, vision_model, processor: C2FProcessor, dataset: Dataset, cache_dir: str | os.PathLike,
               tag: str = "train", batch_size: int = 32) -> "ImageFeatureCache":
         """Compute (or reuse) the features of every distinct image of `dataset`."""
-        path = Path(cache_dir) / f"image_features-{tag}-{backbone_fingerprint(vision_model)}.safetensors"
         first_row = first_row_of_each_image(dataset)
+        # The tower's weights and the image files both name the file: a change to either builds a new cache.
+        path = (Path(cache_dir) /
+                f"image_features-{tag}-{backbone_fingerprint(vision_model)}-{images_fingerprint(dataset, first_row)}.safetensors")
         if path.is_file():
             cache = cls(path)
             if all(image_id in cache for image_id in first_row):
