@@ -9,6 +9,7 @@ import argparse
 import base64
 import html
 import io
+import math
 import sys
 from pathlib import Path
 
@@ -165,6 +166,8 @@ def search_main(argv=None) -> int:
         results = index.search(model, processor, args.query, top_k=args.top_k, rerank_k=args.rerank_k)[0]
         for rank, result in enumerate(results, start=1):
             print(f"{rank}\t{result['score']:.3f}\t{result['id']}")
+        if not all(math.isfinite(result["score"]) for result in results):
+            raise ValueError("the model gave non-finite scores (NaN or inf): its weights or the query are broken")
         if args.png or args.html:
             if index.modality != "image":
                 raise ValueError("--png/--html draw images: use them with an image index")

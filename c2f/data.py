@@ -7,6 +7,7 @@ training starts, so a broken file fails in seconds with its name, not at step 3,
 """
 
 import csv
+import io
 import json
 import os
 from collections.abc import Iterable
@@ -53,21 +54,30 @@ def load_manifest(path: str | os.PathLike, split: str | None = None) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"manifest {path} does not exist")
+    try:
+        # utf-8-sig: a byte-order mark (as spreadsheet programs write) would otherwise rename the first column.
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"manifest {path} is not UTF-8 text ({error}); save it as UTF-8") from error
     if path.suffix == ".csv":
-        with path.open(newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
     else:
         rows = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
+        for number, line in enumerate(text.splitlines(), start=1):
             if line.strip():
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as error:
                     raise ValueError(f"manifest {path} line {number}: not valid JSON ({error})") from error
+                if not isinstance(rows[-1], dict):
+                    raise ValueError(f"manifest {path} line {number}: expected a JSON object, got {type(rows[-1]).__name__}")
     for number, row in enumerate(rows, start=1):
         missing = [field for field in ("audio", "image", "image_id") if row.get(field) in (None, "")]
         if missing:
             raise ValueError(f"manifest {path} row {number}: missing field(s) {missing}; expected audio, image, image_id")
+        wrong = [field for field in ("audio", "image") if not isinstance(row[field], str)]
+        if wrong:
+            raise ValueError(f"manifest {path} row {number}: {wrong[0]} must be a path string, got {row[wrong[0]]!r}")
     if split is not None:
         unassigned = [number for number, row in enumerate(rows, start=1) if row.get("split") in (None, "")]
         if unassigned:

@@ -63,6 +63,8 @@ def load_audio(item: AudioLike, target_rate: int, sampling_rate: int | None = No
     `path` or `bytes`.
     """
     label = _describe(item, index)
+    if sampling_rate is not None and not sampling_rate > 0:
+        raise ValueError(f"audio {label}: sampling_rate must be a positive number of Hz, got {sampling_rate!r}")
     rate = sampling_rate if sampling_rate is not None else target_rate
     if isinstance(item, (str, os.PathLike)):
         if not os.path.isfile(item):
@@ -71,6 +73,8 @@ def load_audio(item: AudioLike, target_rate: int, sampling_rate: int | None = No
     elif isinstance(item, dict):
         if item.get("array") is not None:
             waveform = np.asarray(item["array"], dtype=np.float32)
+            if "sampling_rate" in item and not (item["sampling_rate"] or 0) > 0:
+                raise ValueError(f"audio {label}: 'sampling_rate' must be a positive number of Hz, got {item['sampling_rate']!r}")
             rate = int(item.get("sampling_rate") or rate)
             waveform = _to_mono(waveform, label)
         elif item.get("bytes") is not None:

@@ -53,7 +53,7 @@ def list_media(folder: str | os.PathLike, modality: str) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
         raise ValueError(f"{folder} is not a folder")
-    files = sorted(str(path) for path in folder.rglob("*") if path.suffix.lower() in suffixes)
+    files = sorted(str(path) for path in folder.rglob("*") if path.suffix.lower() in suffixes and path.is_file())
     if not files:
         raise ValueError(f"{folder} holds no {modality} files (looked for {', '.join(suffixes)})")
     return files
@@ -265,6 +265,8 @@ class SpeechImageIndex:
     def search(self, model, processor, queries, top_k: int = 5, rerank_k: int | None = None, sampling_rate: int | None = None) -> list[list[dict]]:
         """Queries of the other modality (audio for an image index, images for an audio index) -> for each query a
         ranked list of `{"score", "coarse_score", "match_score"?, "id", "path", "index"}`."""
+        if not isinstance(top_k, int) or top_k < 1 or (rerank_k is not None and (not isinstance(rerank_k, int) or rerank_k < 0)):
+            raise ValueError(f"top_k must be an integer >= 1 and rerank_k >= 0, got top_k={top_k!r}, rerank_k={rerank_k!r}")
         self.check_model(model)
         model.eval()
         device = next(model.parameters()).device
@@ -289,10 +291,11 @@ class SpeechImageIndex:
                 paths = [self.records[i]["path"] for i in candidates[row, :rerank_k].tolist()]
                 scores, match[: len(paths)] = self._rerank_row(model, processor, query_output, row, paths, scores, speech_queries)
             order = scores[0].argsort(descending=True)[:top_k].tolist()
+            # Record fields first: a record's own "score" or "index" key must not hide the ranking's.
             results.append([
-                {"score": float(scores[0, j]), "coarse_score": float(coarse[row, j]), "index": int(candidates[row, j]),
-                 **({"match_score": match[j]} if match[j] is not None else {}),
-                 **self.records[int(candidates[row, j])]}
+                {**self.records[int(candidates[row, j])],
+                 "score": float(scores[0, j]), "coarse_score": float(coarse[row, j]), "index": int(candidates[row, j]),
+                 **({"match_score": match[j]} if match[j] is not None else {})}
                 for j in order
             ])
         return results

@@ -138,3 +138,52 @@ def test_feature_cache_is_rebuilt_when_the_images_behind_the_ids_change(tmp_path
     assert torch.allclose(second[0], expected, atol=1e-5)
     again = ImageFeatureCache.build(model.vision_model, processor, rows(paths[1:]), tmp_path / "cache")
     assert again.path == second.path  # unchanged files: reused
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("bom.csv", "\ufeffaudio,image,image_id,split\na.wav,x.png,1,test\n", None),
+        ("latin1.csv", "audio,image,image_id,caption\na.wav,x.png,1,caf\xe9\n".encode("latin-1"), "not UTF-8 text"),
+        ("list.jsonl", '["a.wav", "x.png", 1]\n', "line 1: expected a JSON object, got list"),
+        ("number.jsonl", '{"audio": 5, "image": "x.png", "image_id": 1}\n', "row 1: audio must be a path string, got 5"),
+    ],
+)
+def test_manifest_mistakes_get_a_clear_error(tmp_path, name, content, message):
+    from c2f.data import load_manifest
+
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode("utf-8"))
+    if message is None:  # a byte-order mark is no mistake
+        assert load_manifest(path, split="test")["image_id"] == [1]
+    else:
+        with pytest.raises(ValueError, match=message):
+            load_manifest(path, split="test")
+
+
+def test_search_arguments_and_rates_are_checked(tmp_path, built, model, processor):
+    index = SpeechImageIndex.load(tmp_path / "index")
+    clip = np.zeros(16000, dtype=np.float32)
+    for bad in (dict(top_k=-1), dict(top_k=0), dict(rerank_k=-2)):
+        with pytest.raises(ValueError, match="top_k must be an integer >= 1 and rerank_k >= 0"):
+            index.search(model, processor, clip, **bad)
+    with pytest.raises(ValueError, match="sampling_rate must be a positive number of Hz, got 0"):
+        processor(audio=[clip], sampling_rate=0)
+    with pytest.raises(ValueError, match="'sampling_rate' must be a positive number of Hz"):
+        processor(audio=[{"array": clip, "sampling_rate": 0}])
+
+
+def test_record_fields_do_not_hide_the_ranking(tmp_path, built, model, processor):
+    index = SpeechImageIndex.load(tmp_path / "index")
+    index.records = [{**record, "score": "from the record", "index": -5} for record in index.records]
+    results = index.search(model, processor, np.random.default_rng(0).standard_normal(16000).astype(np.float32), top_k=3)[0]
+    assert all(isinstance(result["score"], float) and result["index"] >= 0 for result in results)
+
+
+def test_folders_named_like_images_are_not_listed(tmp_path):
+    from c2f.retrieval import list_media
+
+    _images(tmp_path / "photos", 2)
+    (tmp_path / "photos" / "holiday.png").mkdir()
+    assert all(os.path.isfile(path) for path in list_media(tmp_path / "photos", "image"))
+    assert len(list_media(tmp_path / "photos", "image")) == 2
