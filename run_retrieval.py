@@ -234,7 +234,9 @@ def main(argv=None):
         processor=processor,
     )
     if train is not None:
-        trainer.train(resume_from_checkpoint=resume_point(training_args))
+        train_result = trainer.train(resume_from_checkpoint=resume_point(training_args))
+        trainer.save_metrics("train", train_result.metrics)  # train_results.json + all_results.json, as the examples do
+        trainer.save_state()  # trainer_state.json: the whole log history, loss parts included
         trainer.save_model(training_args.output_dir)
         if trainer.is_world_process_zero():  # + processor + pipeline code, for pipeline(..., model=output_dir)
             save_for_pipeline(trainer.accelerator.unwrap_model(trainer.model), processor, training_args.output_dir)

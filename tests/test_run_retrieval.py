@@ -90,9 +90,10 @@ def test_an_eval_strategy_still_trains_and_evaluation_only_is_explicit(tmp_path)
     trained = tmp_path / "trained"
     script.main(["--output_dir", str(trained), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
                  "--use_queue", "false", "--use_distillation", "false", *common])
-    state = json.loads((trained / "trainer_state.json").read_text()) if (trained / "trainer_state.json").exists() else None
-    assert (trained / "model.safetensors").is_file()
-    assert state is None or state["global_step"] == 2
+    state = json.loads((trained / "trainer_state.json").read_text())
+    assert (trained / "model.safetensors").is_file() and state["global_step"] == 2
+    assert any("eval_s2i_R@1" in entry for entry in state["log_history"])  # evaluated during training, too
+    assert json.loads((trained / "train_results.json").read_text())["epoch"] > 0
     evaluated = tmp_path / "evaluated"
     results = script.main(["--output_dir", str(evaluated), "--model_name_or_path", str(trained),
                            "--evaluation_only", "true", *common])

@@ -41,6 +41,10 @@ def test_training_fills_the_queue_and_updates_the_momentum_model(tmp_path):
     assert trainer.current_alpha() > 0
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    # Each log also shows the parts: SIC, SIM, temperature, alpha, queue fill (the trained loss is SIC + w * SIM).
+    last = [entry for entry in trainer.state.log_history if "loss" in entry][-1]
+    assert abs(last["loss_sic"] + trainer.args.sim_loss_weight * last["loss_sim"] - last["loss"]) < 1e-3
+    assert 0 < last["temperature"] < 1 and last["alpha"] > 0 and last["queue_fill"] == 8
 
 
 def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path):

@@ -64,6 +64,8 @@ class C2FTrainer(Trainer):
         self.queue: EmbeddingQueue | None = None
         self._training_state_ready = False
         self._steps_per_epoch: int | None = None
+        self._log_sums: dict[str, torch.Tensor | float] = {}
+        self._log_count = 0
         self.add_callback(_MomentumUpdate(self))
 
     # ------------------------------------------------------------------ training state
@@ -193,9 +195,29 @@ class C2FTrainer(Trainer):
         loss = outputs.loss_sic
         if args.use_sim:
             loss = loss + args.sim_loss_weight * outputs.loss_sim
+        if model.training:
+            self._remember_for_logs(outputs, alpha)
         if filling:
             self.queue.enqueue(all_speech, all_image, all_ids)
         return (loss, outputs) if return_outputs else loss
+
+    def _remember_for_logs(self, outputs, alpha: float) -> None:
+        parts = {"loss_sic": outputs.loss_sic, "loss_sim": outputs.loss_sim, "temperature": outputs.temperature}
+        for name, value in parts.items():
+            if value is not None:  # summed as tensors: no device sync per step
+                self._log_sums[name] = self._log_sums.get(name, 0) + value.detach().float()
+        self._log_sums["alpha"] = self._log_sums.get("alpha", 0) + alpha
+        self._log_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Training logs also carry the SIC and SIM losses, the temperature, alpha and the queue fill, averaged over
+        the steps since the last log: the combined loss alone hides which part moves."""
+        if "loss" in logs and self._log_count:
+            for name, total in self._log_sums.items():
+                logs[name] = round(float(total) / self._log_count, 4)
+            logs["queue_fill"] = self.queue.filled if self.queue is not None else 0
+            self._log_sums, self._log_count = {}, 0
+        super().log(logs, start_time)
 
     # ------------------------------------------------------------------ evaluation
 
