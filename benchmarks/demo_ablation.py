@@ -60,9 +60,11 @@ def summarize(out: Path, seeds: int) -> str:
                 runs.append(json.loads(path.read_text()))
         if not runs:
             continue
-        cells = [mean_std([run[split][prefix + metric] for run in runs]) for split, metric in COLUMNS]
         minutes = mean_std([run["_minutes"] for run in runs if "_minutes" in run])
-        lines.append(f"| {variant} | {len(runs)} | {' | '.join(cells)} | {minutes} |")
+        # SIM-trained variants: the coarse (SIC) ranking of the same models too, to separate re-ranking from training.
+        for row_prefix, label in ((prefix, variant), ("", f"{variant}, coarse only")) if prefix else ((prefix, variant),):
+            cells = [mean_std([run[split][row_prefix + metric] for run in runs]) for split, metric in COLUMNS]
+            lines.append(f"| {label} | {len(runs)} | {' | '.join(cells)} | {minutes} |")
     return "\n".join(lines)
 
 
