@@ -20,7 +20,7 @@ from transformers import AutoProcessor, HfArgumentParser, set_seed
 
 from c2f import C2FProcessor, C2FSpeechImageModel, save_for_pipeline
 from c2f.augmentation import SpeechAugmentation
-from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records
+from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records, with_audio_lengths
 from c2f.hub import build_model_card, ensure_repo, push_folder
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
@@ -210,6 +210,8 @@ def main(argv=None):
     if data_args.zero_shot_dataset:
         evaluations.append((load(data_args.zero_shot_dataset, data_args.zero_shot_data_dir, data_args.zero_shot_split),
                             f"{data_args.zero_shot_dataset} {data_args.zero_shot_split} (zero-shot)", "zero_shot"))
+    if train is not None and training_args.train_sampling_strategy in ("group_by_length", "batch_rebalance"):
+        train = with_audio_lengths(train, training_args.length_column_name)
     # Seeded before the model is built, so --seed fixes the initialisation too (Trainer seeds only later).
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)

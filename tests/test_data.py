@@ -8,7 +8,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from c2f.data import (SpeechImageCollator, load_demo, load_flickr8k, load_manifest, load_speech_image_dataset,
+from c2f.data import (SpeechImageCollator, with_audio_lengths, load_demo, load_flickr8k, load_manifest, load_speech_image_dataset,
                       load_spokencoco, validate_records)
 
 
@@ -149,3 +149,18 @@ def test_hub_style_dataset_with_audio_and_image_features(tmp_path, processor):
     (tmp_path / "bad" / "dataset_dict.json").write_text(json.dumps({"splits": ["test"]}))
     with pytest.raises(ValueError, match=r"missing column\(s\) \['image', 'image_id'\]"):
         load_speech_image_dataset(str(tmp_path / "bad"), "test")
+
+
+def test_audio_lengths_for_length_grouped_batches(tmp_path):
+    from datasets import Dataset
+
+    _wav(tmp_path / "a.wav"); _wav(tmp_path / "b.wav", seconds=0.5)
+    paths = Dataset.from_dict({"audio": [str(tmp_path / "a.wav"), str(tmp_path / "b.wav")]})
+    assert with_audio_lengths(paths)["length"] == [4800, 8000]
+    encoded = Dataset.from_dict({"audio": [{"path": "b.wav", "bytes": (tmp_path / "b.wav").read_bytes()}]})
+    assert with_audio_lengths(encoded)["length"] == [8000]
+    decoded = Dataset.from_dict({"audio": [{"array": np.zeros(123), "sampling_rate": 16000}]})
+    assert with_audio_lengths(decoded)["length"] == [123]
+    (tmp_path / "c.wav").write_bytes(b"not audio")
+    with pytest.raises(ValueError, match=r"audio .*c\.wav: unreadable"):
+        with_audio_lengths(Dataset.from_dict({"audio": [str(tmp_path / "c.wav")]}))

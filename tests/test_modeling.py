@@ -1,8 +1,12 @@
 import pytest
 import torch
-from transformers import Blip2Config, Blip2Model, Blip2VisionModel, HubertModel
+from safetensors.torch import load_file
+from transformers import Blip2VisionModel
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+from c2f.backbone_checkpoints import write_blip2_checkpoint, write_hubert_checkpoint
 from c2f.modeling_c2f import C2FSpeechImageModel, downsample_frames
+from c2f.processing_c2f import C2FProcessor
 from c2f.presets import tiny_config
 
 
@@ -171,54 +175,38 @@ def test_freezing_survives_save_and_load(tmp_path, model):
     assert all(p.requires_grad for p in loaded.speech_encoder.parameters())
 
 
-def _tiny_backbones(config):
-    torch.manual_seed(3)
-    hubert = HubertModel(config.speech_config)
-    blip2 = Blip2Model(
-        Blip2Config(
-            vision_config=config.vision_config.to_dict(),
-            qformer_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                                encoder_hidden_size=config.vision_config.hidden_size, vocab_size=100),
-            text_config=dict(model_type="opt", hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                             ffn_dim=64, vocab_size=100, word_embed_proj_dim=32),
-            num_query_tokens=4,
-        )
-    )
-    return hubert, blip2
+def _saved_weights(folder, prefix: str = "") -> dict[str, torch.Tensor]:
+    weights = load_file(str(folder / "model.safetensors"))
+    return {name[len(prefix):]: tensor for name, tensor in weights.items() if name.startswith(prefix)}
 
 
 @pytest.mark.parametrize("vision_layout", ["full_blip2", "vision_only"])
 def test_from_backbones_loads_the_pretrained_weights(tmp_path, config, vision_layout):
-    hubert, blip2 = _tiny_backbones(config)
-    hubert.save_pretrained(tmp_path / "hubert")
+    write_hubert_checkpoint(tmp_path / "hubert", config.speech_config, seed=3)
     if vision_layout == "full_blip2":
-        blip2.save_pretrained(tmp_path / "blip2")
+        write_blip2_checkpoint(tmp_path / "blip2", config.vision_config, seed=3)
+        vision_weights = _saved_weights(tmp_path / "blip2", "vision_model.")
     else:
-        vision = Blip2VisionModel(config.vision_config)
-        vision.load_state_dict(blip2.vision_model.state_dict())
-        vision.save_pretrained(tmp_path / "blip2")
-    # The checkpoints' own preprocessing configs, as on the Hub.
-    from transformers import Wav2Vec2FeatureExtractor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
-
-    from c2f.processing_c2f import C2FProcessor
-
-    Wav2Vec2FeatureExtractor(sampling_rate=16000, do_normalize=False).save_pretrained(tmp_path / "hubert")
-    BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "blip2")
+        torch.manual_seed(3)
+        Blip2VisionModel(config.vision_config).save_pretrained(tmp_path / "blip2")
+        BlipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(tmp_path / "blip2")
+        vision_weights = _saved_weights(tmp_path / "blip2")
+    # The checkpoints' own preprocessing configs, as on the Hub: group-norm HuBERT takes unnormalised audio.
     processor = C2FProcessor.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "blip2"))
     assert processor.feature_extractor.do_normalize is False
-    assert processor(images=[torch.zeros(3, 50, 50)])["pixel_values"].shape == (1, 3, 32, 32)
+    size = 32 if vision_layout == "vision_only" else config.vision_config.image_size
+    assert processor(images=[torch.zeros(3, 50, 50)])["pixel_values"].shape == (1, 3, size, size)
     model = C2FSpeechImageModel.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "blip2"), embed_dim=32, k_test=5)
     assert model.config.embed_dim == 32 and model.config.k_test == 5
-    for name, tensor in hubert.state_dict().items():
+    for name, tensor in _saved_weights(tmp_path / "hubert").items():
         assert torch.equal(model.speech_model.state_dict()[name], tensor), name
-    for name, tensor in blip2.vision_model.state_dict().items():
+    assert len(vision_weights) == len(model.vision_model.state_dict())
+    for name, tensor in vision_weights.items():
         assert torch.equal(model.vision_model.state_dict()[name], tensor), name
     assert not any(p.requires_grad for p in model.vision_model.parameters())
 
 
 def test_from_backbones_refuses_a_checkpoint_without_vision_weights(tmp_path, config):
-    hubert, _ = _tiny_backbones(config)
-    hubert.save_pretrained(tmp_path / "hubert")
+    write_hubert_checkpoint(tmp_path / "hubert", config.speech_config)
     with pytest.raises(ValueError, match="backbone weights were not found.*expected a HuBERT or BLIP-2 checkpoint"):
         C2FSpeechImageModel.from_backbones(str(tmp_path / "hubert"), str(tmp_path / "hubert"))

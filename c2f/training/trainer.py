@@ -43,6 +43,23 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     return None
 
 
+def refuse_sharded_parameters(accelerator, args) -> None:
+    """The momentum model is an EMA over full parameters, kept beside the online model on each rank. FSDP and DeepSpeed
+    ZeRO-3 hold only a shard of each parameter per rank, so the copy would average shards: refused, with what to use."""
+    if not (args.use_queue or args.use_distillation):
+        return
+    distributed_type = str(getattr(accelerator, "distributed_type", "")).rsplit(".", 1)[-1]
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None) if distributed_type == "DEEPSPEED" else None
+    if distributed_type == "FSDP" or (plugin is not None and plugin.zero_stage == 3):
+        scheme = "FSDP" if distributed_type == "FSDP" else "DeepSpeed ZeRO-3"
+        raise ValueError(
+            f"{scheme} shards every parameter across ranks, and c2f's momentum model (queue and distillation) needs "
+            "full parameters on each rank. Use DDP (configs/accelerate_ddp.yaml) or DeepSpeed ZeRO-2 "
+            "(configs/accelerate_deepspeed_zero2.yaml, which shards optimizer state and gradients only), or train "
+            "without the momentum model: --use_queue false --use_distillation false."
+        )
+
+
 class _MomentumUpdate(TrainerCallback):
     def __init__(self, trainer: "C2FTrainer"):
         self.trainer = trainer
@@ -59,6 +76,7 @@ class C2FTrainer(Trainer):
     def __init__(self, *args, processor=None, **kwargs):
         # Not `processing_class`: Trainer assumes every ProcessorMixin has a tokenizer (transformers 5.24).
         super().__init__(*args, **kwargs)
+        refuse_sharded_parameters(self.accelerator, self.args)
         self.processor = processor
         self.momentum_model: MomentumModel | None = None
         self.queue: EmbeddingQueue | None = None
