@@ -32,13 +32,16 @@ setup(
         "tqdm>=4.60",
     ],
     extras_require={
-        "dev": ["pytest>=8", "faiss-cpu>=1.8"],
+        # The browser test drives Debian's chromium + chromedriver (apt), never a downloaded browser.
+        "dev": ["pytest>=8", "faiss-cpu>=1.8", "gradio>=5", "selenium>=4"],
         "faiss": ["faiss-cpu>=1.8"],
+        "app": ["gradio>=5"],
     },
     entry_points={
         "console_scripts": [
             "c2f-index = c2f.cli:index_entry_point",
             "c2f-search = c2f.cli:search_entry_point",
+            "c2f-app = c2f.app:main",
         ]
     },
     classifiers=[

@@ -20,7 +20,7 @@ from .retrieval import SpeechImageIndex, index_lock
 THUMBNAIL = 160
 
 
-def _load_model(model_dir: str):
+def load_model(model_dir: str):
     """c2f's own classes from a local folder: no code from the folder (or from an index naming it) is ever run."""
     from .modeling_c2f import C2FSpeechImageModel
     from .processing_c2f import C2FProcessor
@@ -63,7 +63,7 @@ def index_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "build":
-            model, processor = _load_model(args.model)
+            model, processor = load_model(args.model)
             modality, folder = ("image", args.images) if args.images else ("audio", args.audios)
             index = SpeechImageIndex.build(model, processor, folder, modality, batch_size=args.batch_size)
             index.model_path = str(Path(args.model).resolve())
@@ -74,7 +74,7 @@ def index_main(argv=None) -> int:
             with index_lock(args.index):  # load, add and save as one step against other writers
                 index = SpeechImageIndex.load(args.index)
                 model_dir = _model_dir_of(index, args.index, args.model)
-                model, processor = _load_model(model_dir)
+                model, processor = load_model(model_dir)
                 index.add(model, processor, args.files)
                 index.model_path = str(Path(model_dir).resolve())
                 index.save(args.index)
@@ -109,15 +109,17 @@ def _thumbnail(path: str) -> Image.Image:
     return canvas
 
 
-def _label(result: dict, rank: int) -> str:
-    match = f"  match {result['match_score']:.2f}" if "match_score" in result else ""
-    return f"#{rank} cos {result['coarse_score']:.3f}{match}"
+def score_line(rank: int, result: dict, separator: str = " ") -> str:
+    """The score the list is ranked by first, then its parts: a re-ranked list is not in cosine order, and showing only
+    the cosine made ranks look out of order."""
+    match = f", match {result['match_score']:.2f}" if "match_score" in result else ""
+    return f"#{rank} score {result['score']:.2f}{separator}(cosine {result['coarse_score']:.3f}{match})"
 
 
 def render_png(query: str, transcript: str | None, results: list[dict], out: str, columns: int = 5) -> None:
     """A grid of the top images with rank and scores under each, the query (and its transcript) on top."""
     rows = (len(results) + columns - 1) // columns
-    header, caption = 44, 18
+    header, caption = 44, 30
     width = columns * (THUMBNAIL + 8) + 8
     sheet = Image.new("RGB", (width, header + rows * (THUMBNAIL + caption + 8) + 8), "white")
     draw = ImageDraw.Draw(sheet)
@@ -127,8 +129,20 @@ def render_png(query: str, transcript: str | None, results: list[dict], out: str
         row, column = divmod(rank - 1, columns)
         x, y = 8 + column * (THUMBNAIL + 8), header + row * (THUMBNAIL + caption + 8)
         sheet.paste(_thumbnail(result["path"]), (x, y))
-        draw.text((x, y + THUMBNAIL + 3), _label(result, rank), fill="black")
+        draw.text((x, y + THUMBNAIL + 3), score_line(rank, result, separator="\n"), fill="black")
     sheet.save(out)
+
+
+AUDIO_TYPES = {".wav": "audio/wav", ".flac": "audio/flac", ".ogg": "audio/ogg", ".opus": "audio/ogg", ".mp3": "audio/mpeg"}
+
+
+def _audio_player(path: str) -> str:
+    """The query itself, playable in the page (inlined, so the page stays one self-contained file)."""
+    kind = AUDIO_TYPES.get(Path(path).suffix.lower())
+    if kind is None:
+        return ""
+    data = base64.b64encode(Path(path).read_bytes()).decode()
+    return f'<audio controls src="data:{kind};base64,{data}"></audio>'
 
 
 def render_html(query: str, transcript: str | None, results: list[dict], out: str) -> None:
@@ -139,9 +153,10 @@ def render_html(query: str, transcript: str | None, results: list[dict], out: st
         _thumbnail(result["path"]).save(buffer, format="PNG")
         data = base64.b64encode(buffer.getvalue()).decode()
         cells.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(result["id"])}">'
-                     f"<figcaption>{html.escape(_label(result, rank))}<br><small>{html.escape(result['id'])}</small>"
+                     f"<figcaption>{html.escape(score_line(rank, result))}<br><small>{html.escape(result['id'])}</small>"
                      "</figcaption></figure>")
     said = f"<p><q>{html.escape(transcript)}</q></p>" if transcript else "<p>(no transcript)</p>"
+    said = _audio_player(query) + said
     page = ("<!doctype html><meta charset='utf-8'><title>c2f search</title>"
             "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;text-align:center}</style>"
             f"<h1>{html.escape(Path(query).name)}</h1>{said}{''.join(cells)}")
@@ -162,7 +177,7 @@ def search_main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         index = SpeechImageIndex.load(args.index)
-        model, processor = _load_model(_model_dir_of(index, args.index, args.model))
+        model, processor = load_model(_model_dir_of(index, args.index, args.model))
         results = index.search(model, processor, args.query, top_k=args.top_k, rerank_k=args.rerank_k)[0]
         for rank, result in enumerate(results, start=1):
             print(f"{rank}\t{result['score']:.3f}\t{result['id']}")

@@ -114,6 +114,10 @@ def test_cli_build_search_and_draw(tmp_path, folders, model, processor, capsys):
     assert search_main(["--index", str(tmp_path / "idx"), query, "--html", str(tmp_path / "out.html")]) == 0
     page = (tmp_path / "out.html").read_text()
     assert "a big red circle" in page and page.count("<figure>") == 5 and "data:image/png;base64," in page
+    assert '<audio controls src="data:audio/wav;base64,' in page  # the query, playable
+    # Each result is labelled with the score it is ranked by, so the labels read in descending order.
+    ranked = [float(part.split(" ")[0]) for part in page.split("score ")[1:]]
+    assert len(ranked) == 5 and ranked == sorted(ranked, reverse=True)
     # add and remove find the model from the index, and keep it recorded for the next search
     Image.new("RGB", (30, 30), "green").save(tmp_path / "green.png")
     assert index_main(["add", "--index", str(tmp_path / "idx"), str(tmp_path / "green.png")]) == 0
