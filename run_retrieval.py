@@ -21,10 +21,11 @@ from transformers import AutoProcessor, HfArgumentParser, set_seed
 from c2f import C2FProcessor, C2FSpeechImageModel, save_for_pipeline
 from c2f.augmentation import SpeechAugmentation
 from c2f.data import SpeechImageCollator, load_speech_image_dataset, validate_records, with_audio_lengths
-from c2f.hub import build_model_card, ensure_repo, push_folder
+from c2f.hub import build_model_card, ensure_repo, push_folder, training_summary
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
 from c2f.training.trainer import last_complete_checkpoint
+from c2f.training.curves import plot_training_curves
 from c2f.training.feature_cache import ImageFeatureCache
 
 logger = logging.getLogger("run_retrieval")
@@ -254,12 +255,17 @@ def main(argv=None):
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(f"{training_args.output_dir}/retrieval_results.json", "w") as handle:
             json.dump(results, handle, indent=2)
+        if train is not None:
+            curves = plot_training_curves(trainer.state.log_history, results, f"{training_args.output_dir}/training_curves.png")
+            print(f"training curves: {curves}")
         if push_to_hub:
-            training = dict(queue_size=training_args.queue_size if training_args.use_queue else 0,
-                            momentum=training_args.momentum,
-                            distill_alpha=training_args.distill_alpha if training_args.use_distillation else 0.0,
-                            training_data=f"`{data_args.dataset}` split `{data_args.train_split}` ({len(train) if train is not None else 0} captions).")
-            card = build_model_card(Path(__file__).with_name("model_card.md"), repo_id, model.config, results, training, table)
+            training = training_summary(training_args, trainer.state.global_step,
+                                        int(trainer.optimizer_steps(training_args.momentum_start_epochs)) if train is not None else 0)
+            training["training_data"] = (f"`{data_args.dataset}` split `{data_args.train_split}` "
+                                         f"({len(train) if train is not None else 0} captions).")
+            card = build_model_card(Path(__file__).with_name("model_card.md"), repo_id, model.config, results, training,
+                                    table, base_models=[model_args.speech_model, model_args.image_model,
+                                                        model_args.model_name_or_path], dataset=data_args.dataset)
             push_folder(training_args.output_dir, repo_id, card, token=training_args.hub_token, private=training_args.hub_private_repo)
             print(f"pushed to {repo_id}")
     return results

@@ -30,12 +30,15 @@ setup(
         "soxr>=0.3",
         "pillow>=10",
         "tqdm>=4.60",
+        # training_curves.png after every run
+        "matplotlib>=3.7",
     ],
     extras_require={
         # The browser test drives Debian's chromium + chromedriver (apt), never a downloaded browser.
         "dev": ["pytest>=8", "faiss-cpu>=1.8", "gradio>=5", "selenium>=4"],
         "faiss": ["faiss-cpu>=1.8"],
         "app": ["gradio>=5"],
+        "tensorboard": ["tensorboard>=2.14"],
     },
     entry_points={
         "console_scripts": [

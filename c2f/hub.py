@@ -4,6 +4,8 @@ We upload once, at the end, with `HfApi.upload_folder` rather than `Trainer.push
 README.md over ours, and the card must carry the retrieval results as `model-index` metadata.
 """
 
+import os
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
@@ -29,20 +31,77 @@ def eval_results(results: dict[str, dict[str, float]]) -> list[EvalResult]:
     return entries
 
 
-def build_model_card(template: str | Path, repo_id: str, config, results: dict, training: dict, results_table: str) -> ModelCard:
-    """Fill the model card template from the config, training settings and results."""
+# Names run_retrieval.py resolves itself; anything else that is not a local folder is a Hub dataset id.
+LOCAL_DATASETS = {"demo", "demo-shifted", "flickr8k", "spokencoco", "manifest"}
+FRAMEWORKS = ("c2f", "torch", "transformers", "accelerate", "datasets")
+
+
+def hub_id(name: str | None) -> str | None:
+    """`name` if it reads as a Hub repo id (owner/name, not a local path), else None: a card's metadata must not
+    carry a path on the trainer's disk."""
+    if not name or name in LOCAL_DATASETS or os.path.exists(name) or os.path.isabs(name):
+        return None
+    return name if name.count("/") == 1 else None
+
+
+def training_summary(args, global_step: int, momentum_start_step: int) -> dict:
+    """What the run actually did, for the card: the queue and distillation are described only if they ran, with the
+    step they joined at; a run that ended before `momentum_start_step` says so."""
+    def joined(enabled: bool, what: str) -> str | None:
+        if not enabled:
+            return None
+        if global_step <= momentum_start_step:
+            return f"{what}: configured to join at step {momentum_start_step}, but the run ended at step {global_step}, so it never ran"
+        return f"{what}: from step {momentum_start_step} of {global_step}"
+    return dict(
+        global_step=global_step,
+        queue=joined(args.use_queue, f"embedding queue of {args.queue_size}"),
+        queue_ran=args.use_queue and global_step > momentum_start_step,
+        distillation=joined(args.use_distillation, f"momentum distillation (EMA {args.momentum}, alpha {args.distill_alpha})"),
+        distillation_ran=args.use_distillation and global_step > momentum_start_step,
+        sim=args.use_sim,
+        queue_size=args.queue_size, momentum=args.momentum, distill_alpha=args.distill_alpha,
+        hyperparameters={
+            "learning_rate": args.learning_rate, "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
+            "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay,
+            "per_device_train_batch_size": args.per_device_train_batch_size, "world_size": args.world_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_train_epochs": args.num_train_epochs,
+            "max_steps": args.max_steps, "optimizer_steps_run": global_step, "seed": args.seed,
+            "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        },
+    )
+
+
+def framework_versions() -> dict[str, str]:
+    found = {}
+    for name in FRAMEWORKS:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def build_model_card(template: str | Path, repo_id: str, config, results: dict, training: dict, results_table: str,
+                     base_models: list[str | None] = (), dataset: str | None = None) -> ModelCard:
+    """Fill the model card template from the config, what the training run did (`training_summary`), the results,
+    the backbones it started from and the dataset it was trained on."""
+    bases = [name for name in map(hub_id, base_models) if name]
     data = ModelCardData(
-        library_name="transformers", license="apache-2.0", language="en", pipeline_tag=None,
+        library_name="transformers", license="apache-2.0", language="en",
+        # The Hub has no speech-image retrieval task; the model's outputs are embeddings for one.
+        pipeline_tag="feature-extraction",
         tags=["speech-image-retrieval", "c2f", "hubert", "blip-2", "custom_code"], model_name=repo_id.split("/")[-1],
-        datasets=sorted({label.split(" ")[0] for label in results}), eval_results=eval_results(results) or None,
+        base_model=bases or None, datasets=[hub_id(dataset)] if hub_id(dataset) else None,
+        eval_results=eval_results(results) or None,
     )
     return ModelCard.from_template(
         data, template_path=str(template), model_name=repo_id.split("/")[-1], repo_id=repo_id,
         speech_backbone=config.speech_config.name_or_path or f"{config.speech_config.hidden_size}-d, {config.speech_config.num_hidden_layers} layers",
         image_backbone=config.vision_config.name_or_path or f"{config.vision_config.hidden_size}-d, {config.vision_config.num_hidden_layers} layers",
         image_frozen=config.freeze_image_backbone, embed_dim=config.embed_dim, k_test=config.k_test,
-        queue_size=training.get("queue_size"), momentum=training.get("momentum"), distill_alpha=training.get("distill_alpha"),
         training_data=training.get("training_data", "unknown"), results_table=results_table,
+        frameworks=framework_versions(), **{key: value for key, value in training.items() if key != "training_data"},
     )
 
 

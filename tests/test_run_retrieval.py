@@ -48,6 +48,13 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
         assert "reranked_i2s_R@10" in metrics
     assert json.loads((out / "retrieval_results.json").read_text()) == results
     assert list((out / "image_features").glob("image_features-demo-train-*.safetensors"))  # frozen tower: cached
+    state = json.loads((out / "trainer_state.json").read_text())
+    logged = [entry for entry in state["log_history"] if "loss" in entry]
+    assert len(logged) == 2 and {"loss_sic", "loss_sim", "temperature", "alpha", "queue_fill"} <= set(logged[0])
+    from PIL import Image
+
+    with Image.open(out / "training_curves.png") as curves:  # losses, temperature, alpha, queue fill + the R@k table
+        assert curves.width > 4 * curves.height / 2
 
     uploaded = hub / "someone" / "c2f-tiny"
     assert calls == {"create_repo": "someone/c2f-tiny", "upload_folder": "someone/c2f-tiny"}
@@ -64,6 +71,11 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
     expected = round(results["demo validation"]["reranked_s2i_R@1"], 2)
     assert reported[("demo", "validation", "speech→image R@1")] == expected
     assert "Reconstruction notes" in card and "someone/c2f-tiny" in card
+    # The card tells what ran: 2 steps end long before the queue and distillation would join (epoch 16).
+    assert metadata["pipeline_tag"] == "feature-extraction" and "datasets" not in metadata  # demo: no Hub dataset id
+    assert "2 optimizer steps" in card and "but the run ended at step 2, so it never ran" in card
+    assert "queue of 16 momentum embeddings" not in card and "**Momentum distillation**" not in card
+    assert "| learning_rate | 0.0005 |" in card and "transformers " + __import__("transformers").__version__ in card
 
 
 def test_one_seed_gives_one_model(tmp_path, one_thread):

@@ -126,7 +126,7 @@ def test_epoch_schedules_count_trainer_epochs_with_max_steps_and_fractional_epoc
     for settings in (dict(max_steps=6), dict(max_steps=-1, num_train_epochs=1.5)):
         max_steps = settings.pop("max_steps")
         trainer = _trainer(tmp_path, max_steps=max_steps, **settings)
-        assert trainer._steps(1.0) == 4 and trainer._steps(0.5) == 2
+        assert trainer.optimizer_steps(1.0) == 4 and trainer.optimizer_steps(0.5) == 2
 
 
 def test_queue_fills_only_in_the_steps_before_it_joins(tmp_path):

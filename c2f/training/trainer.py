@@ -141,7 +141,7 @@ class C2FTrainer(Trainer):
 
     # ------------------------------------------------------------------ loss
 
-    def _steps(self, epochs: float) -> float:
+    def optimizer_steps(self, epochs: float) -> float:
         """Optimizer steps in `epochs` epochs, counted the way Trainer counts an epoch (whatever max_steps says)."""
         if self._steps_per_epoch is None:
             batches = len(self.get_train_dataloader())
@@ -149,7 +149,7 @@ class C2FTrainer(Trainer):
         return epochs * self._steps_per_epoch
 
     def momentum_started(self) -> bool:
-        return self.state.global_step >= self._steps(self.args.momentum_start_epochs)
+        return self.state.global_step >= self.optimizer_steps(self.args.momentum_start_epochs)
 
     def queue_filling(self) -> bool:
         """The queue fills during the steps that just fill it before it joins (and all along after): momentum
@@ -157,14 +157,14 @@ class C2FTrainer(Trainer):
         if self.queue is None:
             return False
         fill_steps = -(-self.args.queue_size // (self.args.per_device_train_batch_size * max(1, self.args.world_size)))
-        return self.state.global_step >= self._steps(self.args.momentum_start_epochs) - fill_steps
+        return self.state.global_step >= self.optimizer_steps(self.args.momentum_start_epochs) - fill_steps
 
     def current_alpha(self) -> float:
         args = self.args
         if not args.use_distillation or not self.momentum_started():
             return 0.0
-        warmup = self._steps(args.alpha_warmup_epochs)
-        since = self.state.global_step - self._steps(args.momentum_start_epochs)
+        warmup = self.optimizer_steps(args.alpha_warmup_epochs)
+        since = self.state.global_step - self.optimizer_steps(args.momentum_start_epochs)
         return args.distill_alpha * (min(1.0, since / warmup) if warmup > 0 else 1.0)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
