@@ -13,7 +13,7 @@ setup(
     # Namespace discovery lists the demo-data folders as packages too, so setuptools ships their files without warnings.
     packages=find_namespace_packages(include=["c2f", "c2f.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
-    package_data={"c2f": ["demo_data/**/*", "metrics/*.py"]},
+    package_data={"c2f": ["demo_data/**/*", "metrics/*.py", "model_card.md"]},
     install_requires=[
         # Users bring their own torch build (CPU or CUDA); no exact pin.
         "torch>=2.4",
@@ -45,6 +45,7 @@ setup(
             "c2f-index = c2f.cli:index_entry_point",
             "c2f-search = c2f.cli:search_entry_point",
             "c2f-app = c2f.app:main",
+            "c2f-train = c2f.train:main",
         ]
     },
     classifiers=[

@@ -4,6 +4,9 @@ Importing `c2f` registers the model with the Auto classes (so `AutoModel.from_pr
 `trust_remote_code` when c2f is installed) and marks the three Hub classes for `save_pretrained` to copy their code.
 """
 
+import os
+from pathlib import Path
+
 from transformers import AutoConfig, AutoModel, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
@@ -28,6 +31,17 @@ def save_for_pipeline(model, processor, save_directory) -> None:
     trust_remote_code=True)` works anywhere. (A pipeline's own save does not write the processor.)"""
     SpeechImageRetrievalPipeline(model=model, processor=processor).save_pretrained(save_directory)
     processor.save_pretrained(save_directory)
+    _honour_umask(save_directory)
+
+
+def _honour_umask(folder) -> None:
+    """transformers writes weights through a private temporary file (mode 0600); a saved model is meant to be shared,
+    so its files get the permissions the user's umask gives any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            os.chmod(path, 0o666 & ~umask)
 
 __all__ = [
     "C2FConfig",

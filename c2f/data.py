@@ -18,6 +18,7 @@ import soundfile
 import torch
 from datasets import Dataset
 from PIL import Image
+from tqdm.auto import tqdm
 
 from .processing_c2f import C2FProcessor, load_audio
 
@@ -261,7 +262,8 @@ def validate_records(dataset: Dataset, name: str, show: int = 5) -> None:
         raise ValueError(f"{name}: the split is empty")
     problems = []
     seen_images = set()
-    for audio, image in zip(dataset["audio"], dataset["image"]):
+    pairs = zip(dataset["audio"], dataset["image"])
+    for audio, image in tqdm(pairs, total=len(dataset), desc=f"checking the files of {name}", leave=False):
         problem = _check_audio(audio)
         if problem:
             problems.append(problem)

@@ -1,6 +1,7 @@
 """Retrieval evaluation: Recall@K both ways and mean/median rank, coarse (SIC) and re-ranked (SIM)."""
 
 import torch
+from tqdm.auto import tqdm
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
@@ -35,7 +36,8 @@ def recall_metrics(
 
 
 @torch.no_grad()
-def encode_for_retrieval(model: C2FSpeechImageModel, dataset: Dataset, processor: C2FProcessor, batch_size: int = 32):
+def encode_for_retrieval(model: C2FSpeechImageModel, dataset: Dataset, processor: C2FProcessor, batch_size: int = 32,
+                         progress: bool = True):
     """Embeddings and SIM tokens for every caption and every distinct image of `dataset`."""
     device = next(model.parameters()).device
     collator = SpeechImageCollator(processor)
@@ -46,7 +48,8 @@ def encode_for_retrieval(model: C2FSpeechImageModel, dataset: Dataset, processor
         (list(first_of_image.values()), images, lambda b: model.encode_image(b["pixel_values"].to(device))),
     ):
         loader = DataLoader(dataset.select(rows), batch_size=batch_size, collate_fn=collator)
-        for batch in loader:
+        what = "captions" if sink is speech else "images"
+        for batch in tqdm(loader, desc=f"encoding {len(rows)} {what}", leave=False, disable=not progress):
             sink.append(encode(batch))
     speech_embeds = torch.cat([o.speech_embeds for o in speech])
     # Speech token sequences differ in length across batches: keep them per batch and pad on use.
@@ -72,11 +75,12 @@ def _flat_speech_tokens(chunks):
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None = None, batch_size: int = 32) -> dict[str, float]:
+def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None = None, batch_size: int = 32,
+                       progress: bool = True) -> dict[str, float]:
     """Coarse (SIC) metrics, and SIM re-ranked metrics (prefixed `reranked_`) when `rerank_k` > 0."""
     was_training = model.training
     model.eval()
-    encoded = encode_for_retrieval(model, dataset, processor, batch_size)
+    encoded = encode_for_retrieval(model, dataset, processor, batch_size, progress)
     coarse = encoded["speech_embeds"] @ encoded["image_embeds"].t()
     metrics = recall_metrics(coarse, coarse.t(), encoded["speech_image_ids"], encoded["gallery_image_ids"])
     rerank_k = model.config.k_test if rerank_k is None else rerank_k

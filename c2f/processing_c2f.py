@@ -26,8 +26,19 @@ def _describe(item: Any, index: int) -> str:
     return f"item {index}"
 
 
+def _optional(module: str, pip_name: str):
+    """Import what only some inputs need, or say how to install it (this file also runs from a Hub folder, where
+    c2f's own requirements may not be installed)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(f"c2f needs {pip_name} for this input: pip install {pip_name} (or pip install c2f)") from error
+
+
 def _read_audio_file(source: Any, label: str) -> tuple[np.ndarray, int]:
-    import soundfile
+    soundfile = _optional("soundfile", "soundfile")
 
     try:
         waveform, rate = soundfile.read(source, dtype="float32", always_2d=True)
@@ -50,8 +61,7 @@ def resample_audio(waveform: np.ndarray, orig_rate: float, target_rate: float, q
     """Resample with soxr (its high-quality filter unless `quality` says otherwise); a no-op at the target rate."""
     if orig_rate == target_rate:
         return waveform
-    import soxr
-
+    soxr = _optional("soxr", "soxr")
     return soxr.resample(waveform, orig_rate, target_rate, quality=quality).astype(np.float32)
 
 

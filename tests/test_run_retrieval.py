@@ -3,7 +3,9 @@ network calls replaced."""
 
 import importlib.util
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,6 +50,9 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
         assert "reranked_i2s_R@10" in metrics
     assert json.loads((out / "retrieval_results.json").read_text()) == results
     assert list((out / "image_features").glob("image_features-demo-train-*.safetensors"))  # frozen tower: cached
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask  # shareable, not transformers' 0600
     state = json.loads((out / "trainer_state.json").read_text())
     logged = [entry for entry in state["log_history"] if "loss" in entry]
     assert len(logged) == 2 and {"loss_sic", "loss_sim", "temperature", "alpha", "queue_fill"} <= set(logged[0])
@@ -137,3 +142,15 @@ def test_a_bad_test_file_fails_before_training(tmp_path):
         _load_script().main(["--dataset", "manifest", "--data_dir", str(tmp_path / "m.jsonl"), "--output_dir", str(out),
                              "--max_steps", "1", "--per_device_train_batch_size", "2"])
     assert not (out / "model.safetensors").exists()
+
+
+def test_the_installed_package_trains_without_the_checkout(tmp_path):
+    """`c2f-train` (c2f.train) is the same program as run_retrieval.py, and finds its model-card template inside the
+    package: run from another folder, it answers --help with the script's defaults."""
+    result = subprocess.run([sys.executable, "-m", "c2f.train", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--momentum_start_epochs" in result.stdout and "demo default 16" in result.stdout
+    import c2f.train
+
+    assert Path(c2f.train.__file__).with_name("model_card.md").is_file()

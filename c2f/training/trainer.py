@@ -246,7 +246,8 @@ class C2FTrainer(Trainer):
             raise ValueError("C2FTrainer.evaluate needs an eval_dataset")
         model = self.accelerator.unwrap_model(self.model)
         metrics = evaluate_retrieval(
-            model, dataset, self.processor, self.args.eval_rerank_k, self.args.per_device_eval_batch_size
+            model, dataset, self.processor, self.args.eval_rerank_k, self.args.per_device_eval_batch_size,
+            progress=not self.args.disable_tqdm and self.is_world_process_zero(),
         )
         metrics = {f"{metric_key_prefix}_{name}": value for name, value in metrics.items()}
         self.log(metrics)
