@@ -3,8 +3,9 @@
 1. `C2FTrainer` (what `run_retrieval.py` runs) against a bare PyTorch loop doing the same work (forward, the same
    losses, momentum copy and queue for `full`, backward, AdamW) over the same tiny demo model and the same decoded
    batches. Target: the trainer keeps >= 0.9x the loop's steps/s.
-2. Training samples/s with and without the frozen image-feature cache, on a ViT-S-sized BLIP-2 tower (384-d, 8 layers,
-   224 px): the tiny demo tower costs almost nothing, and the share the cache saves grows with the tower.
+2. Training samples/s with and without the frozen-backbone feature caches: the image cache on a ViT-S-sized BLIP-2
+   tower (384-d, 8 layers, 224 px; the tiny demo tower costs almost nothing, and the share the cache saves grows with
+   the tower), and the HuBERT cache on a frozen HuBERT with base's waveform front end and 4 transformer layers.
 
     python benchmarks/train_throughput.py [--steps 60] [--batch 32] [--recipe sic|full]
 """
@@ -20,7 +21,8 @@ from c2f.data import SpeechImageCollator, load_demo
 from c2f.modeling_c2f import C2FSpeechImageModel, sic_loss
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments, EmbeddingQueue
-from c2f.training.feature_cache import ImageFeatureCache
+from c2f.backbone_checkpoints import hubert_config
+from c2f.training.feature_cache import ImageFeatureCache, SpeechFeatureCache
 
 VIT_S = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=6, image_size=224,
              patch_size=16, initializer_range=0.02)
@@ -97,17 +99,34 @@ def loop_steps_per_second(batches, recipe):
     return len(batches) / (time.perf_counter() - start)
 
 
-def cache_samples_per_second(dataset, processor, cache, steps, batch, output_dir):
+def cached_samples_per_second(dataset, processor, config, collator, steps, batch, output_dir):
     torch.manual_seed(0)
-    model = C2FSpeechImageModel(tiny_config(vision_config=VIT_S, vision_stem="patch", freeze_image_backbone=True))
+    model = C2FSpeechImageModel(config)
     args = C2FTrainingArguments(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch,
                                 queue_size=batch * 4, report_to="none", save_strategy="no", use_cpu=True,
                                 logging_steps=steps, disable_tqdm=True)
-    trainer = C2FTrainer(model=model, args=args, train_dataset=dataset, processor=processor,
-                         data_collator=SpeechImageCollator(processor, image_features=cache))
+    trainer = C2FTrainer(model=model, args=args, train_dataset=dataset, processor=processor, data_collator=collator)
     start = time.perf_counter()
     trainer.train()
     return steps * batch / (time.perf_counter() - start)
+
+
+def cache_comparison(title, config, processor, dataset, build, cache_argument, steps, batch):
+    """Training samples/s without and with one frozen-backbone cache (same model, steps and batches)."""
+    with tempfile.TemporaryDirectory() as folder:
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        cache = build(C2FSpeechImageModel(config), folder)
+        build_seconds = time.perf_counter() - start
+        without = cached_samples_per_second(dataset, processor, config, SpeechImageCollator(processor), steps, batch, folder)
+        with_cache = cached_samples_per_second(dataset, processor, config,
+                                               SpeechImageCollator(processor, **{cache_argument: cache}), steps, batch, folder)
+    print(f"\n| {title}, batch {batch}, {steps} steps | samples/s |")
+    print("|---|---|")
+    print(f"| without cache (backbone every step) | {without:.1f} |")
+    print(f"| with cache (features read from safetensors) | {with_cache:.1f} |")
+    print(f"| speed-up | {with_cache / without:.2f}x |")
+    print(f"| one-off cache build ({len(cache)} items) | {build_seconds:.1f} s |", flush=True)
 
 
 def main():
@@ -133,22 +152,19 @@ def main():
     if args.cache_steps == 0:
         return
     cache_batch = 16
-    processor = tiny_processor(image_size=VIT_S["image_size"])
     dataset = train.select(range(args.cache_steps * cache_batch))
-    with tempfile.TemporaryDirectory() as folder:
-        model = C2FSpeechImageModel(tiny_config(vision_config=VIT_S, vision_stem="patch"))
-        start = time.perf_counter()
-        cache = ImageFeatureCache.build(model.vision_model, processor, dataset, folder)
-        build_seconds = time.perf_counter() - start
-        without = cache_samples_per_second(dataset, processor, None, args.cache_steps, cache_batch, folder)
-        with_cache = cache_samples_per_second(dataset, processor, cache, args.cache_steps, cache_batch, folder)
-    print(f"\n| frozen ViT-S tower, batch {cache_batch}, {args.cache_steps} steps | samples/s |")
-    print("|---|---|")
-    print(f"| without cache (ViT every step) | {without:.1f} |")
-    print(f"| with cache (features read from safetensors) | {with_cache:.1f} |")
-    print(f"| speed-up | {with_cache / without:.2f}x |")
-    print(f"| one-off cache build ({len(cache)} images) | {build_seconds:.1f} s |")
-
+    vit_processor = tiny_processor(image_size=VIT_S["image_size"])
+    cache_comparison("frozen ViT-S tower", tiny_config(vision_config=VIT_S, vision_stem="patch", freeze_image_backbone=True),
+                     vit_processor, dataset,
+                     lambda model, folder: ImageFeatureCache.build(model.vision_model, vit_processor, dataset, folder),
+                     "image_features", args.cache_steps, cache_batch)
+    # HuBERT's own waveform front end (seven conv layers, 512 channels) with 4 of its 12 transformer layers.
+    hubert = hubert_config("base", num_hidden_layers=4).to_dict()
+    cache_comparison("frozen HuBERT (base front end, 4 layers)",
+                     tiny_config(speech_config=hubert, speech_front_end="waveform", freeze_speech_backbone=True),
+                     processor, dataset,
+                     lambda model, folder: SpeechFeatureCache.build(model, processor, dataset, folder),
+                     "speech_features", args.cache_steps, cache_batch)
 
 if __name__ == "__main__":
     main()

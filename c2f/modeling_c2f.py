@@ -533,6 +533,8 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         super().train(mode)
         if self.config.freeze_image_backbone:
             self.vision_model.eval()
+        if self.config.freeze_speech_backbone:  # no SpecAugment or dropout in a frozen HuBERT: its cache stays exact
+            self.speech_model.eval()
         return self
 
     @classmethod
@@ -582,7 +584,9 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
                 f"model needs at least {needed} samples at 16 kHz ({1000 * needed / 16000:.0f} ms) per clip"
             )
 
-    def _speech_frames(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None):
+    def speech_frames(self, input_values: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The speech backbone's frames `[batch, frames, hidden]` and their bool mask: what the speech encoder reads,
+        and what a frozen backbone's feature cache stores."""
         self._check_clip_lengths(input_values, attention_mask)
         speech_model = self.speech_model
         weighted = self.speech_layer_weights is not None
@@ -634,10 +638,26 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         return self.speech_model._get_feature_vector_attention_mask(frames.shape[1], attention_mask).bool()
 
     def encode_speech(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+        self,
+        input_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+        speech_hidden_states: torch.Tensor | None = None,
+        speech_frame_mask: torch.Tensor | None = None,
     ) -> C2FSpeechOutput:
-        """Speech embeddings plus the speech tokens the SIM head needs."""
-        frames, frame_mask = self._speech_frames(input_values, attention_mask)
+        """Speech embeddings plus the speech tokens the SIM head needs.
+
+        `speech_hidden_states` (`[batch, frames, hidden]` backbone frames, e.g. from a frozen HuBERT's feature cache,
+        with `speech_frame_mask` marking real frames) skips the backbone.
+        """
+        if speech_hidden_states is not None:
+            frames = speech_hidden_states
+            frame_mask = (speech_frame_mask.bool() if speech_frame_mask is not None
+                          else torch.ones(frames.shape[:2], dtype=torch.bool, device=frames.device))
+        elif input_values is None:
+            raise ValueError("encode_speech needs input_values or speech_hidden_states")
+        else:
+            frames, frame_mask = self.speech_frames(input_values, attention_mask)
         speech_tokens, speech_token_mask = self.speech_encoder(frames, frame_mask)
         speech_embeds = self.speech_projection(speech_tokens[:, 0])
         if normalize:
@@ -666,10 +686,15 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         return C2FImageOutput(image_embeds=image_embeds, image_tokens=image_hidden_states)
 
     def get_speech_features(
-        self, input_values: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
+        self,
+        input_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        normalize: bool = True,
+        speech_hidden_states: torch.Tensor | None = None,
+        speech_frame_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """`[batch, embed_dim]` speech embeddings for retrieval."""
-        return self.encode_speech(input_values, attention_mask, normalize=normalize).speech_embeds
+        return self.encode_speech(input_values, attention_mask, normalize, speech_hidden_states, speech_frame_mask).speech_embeds
 
     def get_image_features(
         self,
@@ -794,6 +819,8 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         image_hidden_states: torch.Tensor | None = None,
+        speech_hidden_states: torch.Tensor | None = None,
+        speech_frame_mask: torch.Tensor | None = None,
         image_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
         compute_sim_loss: bool = True,
@@ -813,6 +840,8 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             pixel_values: `[batch, 3, H, W]` images from [`C2FProcessor`]; or give `image_hidden_states`.
             attention_mask: `[batch, samples]` 1 for audio, 0 for padding.
             image_hidden_states: precomputed vision-tower output (frozen-backbone cache) instead of `pixel_values`.
+            speech_hidden_states / speech_frame_mask: precomputed speech-backbone frames and their mask (frozen HuBERT
+                cache) instead of `input_values`.
             image_ids: `[batch]` integer image identity; items sharing it are positives for each other. Defaults to
                 every row being its own image.
             return_loss: compute `loss_sic` (+ `loss_sim` with `compute_sim_loss`).
@@ -823,9 +852,9 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
                 in-batch negatives span the global batch. The model itself knows nothing of processes.
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if input_values is None:
-            raise ValueError("C2FSpeechImageModel.forward needs input_values")
-        speech_output = self.encode_speech(input_values, attention_mask)
+        if input_values is None and speech_hidden_states is None:
+            raise ValueError("C2FSpeechImageModel.forward needs input_values (or speech_hidden_states)")
+        speech_output = self.encode_speech(input_values, attention_mask, True, speech_hidden_states, speech_frame_mask)
         image_output = self.encode_image(pixel_values, image_hidden_states)
         speech_embeds, image_embeds = speech_output.speech_embeds, image_output.image_embeds
         temperature = self.get_temperature()

@@ -26,7 +26,7 @@ from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
 from c2f.training.trainer import last_complete_checkpoint
 from c2f.training.curves import plot_training_curves
-from c2f.training.feature_cache import ImageFeatureCache
+from c2f.training.feature_cache import ImageFeatureCache, SpeechFeatureCache
 
 logger = logging.getLogger("run_retrieval")
 
@@ -56,7 +56,8 @@ class DataArguments:
     max_audio_seconds: float = field(default=15.0)
     skip_file_check: bool = field(default=False, metadata={"help": "Skip checking every file before training."})
     image_feature_cache: bool = field(default=True, metadata={"help": "Cache frozen image-tower features (safetensors) after one pass."})
-    image_cache_dir: str | None = field(default=None, metadata={"help": "Where the feature cache lives (default: OUTPUT_DIR/image_features)."})
+    image_cache_dir: str | None = field(default=None, metadata={"help": "Where the feature caches live (default: OUTPUT_DIR/image_features)."})
+    speech_feature_cache: bool = field(default=True, metadata={"help": "With --freeze_speech_backbone and no voice augmentation: cache HuBERT's frames per clip after one pass."})
     augment_speech: bool = field(default=True, metadata={"help": "Voice augmentation of training clips (speed perturbation and noise below)."})
     speed_perturbation: float = field(default=0.15, metadata={"help": "Training clips play at a speed drawn from [1 - x, 1 + x]; 0 disables."})
     noise_probability: float = field(default=0.5, metadata={"help": "Share of training clips that get white noise; 0 disables."})
@@ -221,6 +222,15 @@ def main(argv=None):
         cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
         with training_args.main_process_first(desc="image feature cache"):
             image_features = ImageFeatureCache.build(model.vision_model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
+    speech_features = None
+    if train is not None and model.config.freeze_speech_backbone and data_args.speech_feature_cache:
+        if data_args.augment_speech:
+            logger.warning("HuBERT feature cache off: voice augmentation changes the clips every epoch "
+                           "(--augment_speech false caches the frozen HuBERT's frames)")
+        else:
+            cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
+            with training_args.main_process_first(desc="speech feature cache"):
+                speech_features = SpeechFeatureCache.build(model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
     # c2f uploads once at the end with its own model card; Trainer's push would overwrite README.md.
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False
     repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(training_args.output_dir))
@@ -232,8 +242,8 @@ def main(argv=None):
         train_dataset=train,
         eval_dataset=evaluation,
         data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds, image_features,
-                                          augmentation=speech_augmentation(data_args, training_args.seed),
-                                          decoded_cache_bytes=data_args.decoded_cache_mb * 2**20),
+                                          augmentation=None if speech_features is not None else speech_augmentation(data_args, training_args.seed),
+                                          decoded_cache_bytes=data_args.decoded_cache_mb * 2**20, speech_features=speech_features),
         processor=processor,
     )
     if train is not None:

@@ -49,3 +49,45 @@ def test_the_same_tower_loaded_from_another_path_keeps_its_fingerprint(tmp_path,
     absolute = Blip2VisionModel.from_pretrained(str(tmp_path / "tower"))
     assert relative.config.to_dict()["_name_or_path"] != absolute.config.to_dict()["_name_or_path"]
     assert backbone_fingerprint(relative) == backbone_fingerprint(absolute)
+
+
+def test_frozen_hubert_cache_gives_the_embeddings_of_the_clips_alone(tmp_path, processor):
+    import os
+    import shutil
+
+    import pytest
+
+    from c2f.augmentation import SpeechAugmentation
+    from c2f.training import C2FTrainer, C2FTrainingArguments
+    from c2f.training.feature_cache import SpeechFeatureCache
+
+    torch.manual_seed(0)
+    model = C2FSpeechImageModel(tiny_config(freeze_speech_backbone=True))
+    model.train()
+    assert not model.speech_model.training  # frozen: no dropout or masking, so the cache equals a live pass
+    rows = load_demo("validation").select(range(6))
+    cache = SpeechFeatureCache.build(model, processor, rows, tmp_path)
+    assert len(cache) == 6
+    batch = SpeechImageCollator(processor, speech_features=cache)([rows[i] for i in range(4)])
+    assert "input_values" not in batch and batch["speech_hidden_states"].shape[:2] == batch["speech_frame_mask"].shape
+    model.eval()
+    with torch.no_grad():
+        from_cache = model.get_speech_features(speech_hidden_states=batch["speech_hidden_states"],
+                                               speech_frame_mask=batch["speech_frame_mask"])
+        for row in range(4):
+            alone = processor(audio=[rows[row]["audio"]])
+            assert torch.allclose(from_cache[row], model.get_speech_features(alone["input_values"])[0], atol=1e-5)
+    with pytest.raises(ValueError, match="voice augmentation every epoch hears them changed"):
+        SpeechImageCollator(processor, speech_features=cache, augmentation=SpeechAugmentation())
+    # Another recording under the same path (new size and time) is another cache file.
+    copy = tmp_path / "clip.ogg"
+    shutil.copy(rows[0]["audio"], copy)
+    first = SpeechFeatureCache.build(model, processor, rows.select([0]).map(lambda r: {"audio": str(copy)}), tmp_path).path
+    os.utime(copy, ns=(1, 1))
+    assert SpeechFeatureCache.build(model, processor, rows.select([0]).map(lambda r: {"audio": str(copy)}), tmp_path).path != first
+    # And training reads it: one step of the full recipe from cached frames.
+    args = C2FTrainingArguments(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=6,
+                                queue_size=6, report_to="none", save_strategy="no", use_cpu=True, disable_tqdm=True)
+    trainer = C2FTrainer(model=model, args=args, train_dataset=rows, processor=processor,
+                         data_collator=SpeechImageCollator(processor, speech_features=cache))
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))

@@ -1,9 +1,10 @@
-"""Frozen image-backbone features, computed once per image and read back memory-mapped in later epochs.
+"""Frozen-backbone features, computed once per image (or clip) and read back memory-mapped in later epochs.
 
 With the BLIP-2 tower frozen (the default) its output for an image never changes, so recomputing ViT-g every epoch
-is pure waste. The cache file name carries fingerprints of the tower's weights and config and of the image files
-(path, size, modification time): features from another backbone, or of other files under the same image ids, are
-never reused by mistake.
+is pure waste; the same holds for a frozen HuBERT (as SpeechCLIP trains) when the clips are not augmented. The cache
+file name carries fingerprints of the backbone's weights and config and of the media files (path, size,
+modification time): features from another backbone, or of other files under the same keys, are never reused by
+mistake.
 """
 
 import hashlib
@@ -32,38 +33,111 @@ def backbone_fingerprint(vision_model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def _digest_file(digest, item) -> None:
+    """Feed one file reference (a path, or `{"path"/"bytes"}`, or a decoded PIL image) into `digest`."""
+    if isinstance(item, dict):
+        item = item.get("path") if item.get("bytes") is None else item["bytes"]
+    if isinstance(item, (str, os.PathLike)):
+        stat = os.stat(item)
+        digest.update(f"{os.path.abspath(item)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
+    elif isinstance(item, bytes):
+        digest.update(hashlib.sha256(item).digest())
+    else:  # a decoded image (PIL)
+        digest.update(hashlib.sha256(item.tobytes()).digest())
+
+
 def images_fingerprint(dataset: Dataset, first_row: dict[int, int]) -> str:
     """Which file each image id stands for: path, size and modification time (the bytes, for in-memory images). A
     cache keyed by image id alone handed 31 of 31 ids another image's features once a dataset lost one image."""
     digest = hashlib.sha256()
     for image_id, row in sorted(first_row.items()):
-        image = dataset[row]["image"]
         digest.update(f"{image_id}:".encode())
-        if isinstance(image, dict):
-            image = image.get("path") if image.get("bytes") is None else image["bytes"]
-        if isinstance(image, (str, os.PathLike)):
-            stat = os.stat(image)
-            digest.update(f"{os.path.abspath(image)}:{stat.st_size}:{stat.st_mtime_ns};".encode())
-        elif isinstance(image, bytes):
-            digest.update(hashlib.sha256(image).digest())
-        else:  # a decoded image (PIL)
-            digest.update(hashlib.sha256(image.tobytes()).digest())
+        _digest_file(digest, dataset[row]["image"])
     return digest.hexdigest()[:16]
 
 
-class ImageFeatureCache:
-    """`cache[image_id]` -> the vision tower's last hidden state `[1 + patches, hidden]` for that image."""
+def audio_key(audio) -> str:
+    """The speech cache's key of one clip: its file path (the cache's file name fingerprints size and time)."""
+    path = audio.get("path") if isinstance(audio, dict) and audio.get("bytes") is None and audio.get("array") is None else audio
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError("the HuBERT feature cache keys clips by file path; this dataset holds in-memory audio (use "
+                         "--speech_feature_cache false, or a dataset with audio paths)")
+    return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()
+
+
+class _FeatureCache:
+    """`cache[key]` -> one backbone output, read from a safetensors file on demand."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file = safe_open(str(self.path), framework="pt")
         self._keys = set(self._file.keys())
 
-    def __contains__(self, image_id: int) -> bool:
-        return str(int(image_id)) in self._keys
-
     def __len__(self) -> int:
         return len(self._keys)
+
+    @staticmethod
+    def _write(features: dict[str, torch.Tensor], path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(features, str(path) + ".tmp")
+        os.replace(str(path) + ".tmp", path)  # atomic: a crash leaves no half-written cache behind
+
+    @classmethod
+    def _reuse(cls, path: Path, keys) -> "_FeatureCache | None":
+        if not path.is_file():
+            return None
+        cache = cls(path)
+        return cache if all(key in cache for key in keys) else None
+
+
+class SpeechFeatureCache(_FeatureCache):
+    """`cache[audio]` -> a frozen HuBERT's frames `[frames, hidden]` for that clip, computed on the clip alone (no
+    padding), in eval mode. Valid only while the clips are not augmented: the collator refuses the two together."""
+
+    def __contains__(self, audio) -> bool:
+        return audio_key(audio) in self._keys
+
+    def __getitem__(self, audio) -> torch.Tensor:
+        key = audio_key(audio)
+        if key not in self._keys:
+            raise KeyError(f"clip {audio} is not in the HuBERT feature cache {self.path}; rebuild it for this dataset")
+        return self._file.get_tensor(key)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, model, processor: C2FProcessor, dataset: Dataset, cache_dir: str | os.PathLike,
+              tag: str = "train") -> "SpeechFeatureCache":
+        """Compute (or reuse) the frames of every clip of `dataset` with `model`'s (frozen) speech backbone."""
+        if model.speech_layer_weights is not None:
+            raise ValueError("the HuBERT feature cache stores the last layer; speech_layer_pooling='weighted_sum' "
+                             "learns a mix of all layers: use --speech_feature_cache false")
+        audios = list(dataset["audio"])
+        digest = hashlib.sha256()
+        for audio in audios:
+            _digest_file(digest, audio)
+        path = (Path(cache_dir) /
+                f"speech_features-{tag}-{backbone_fingerprint(model.speech_model)}-{digest.hexdigest()[:16]}.safetensors")
+        cache = cls._reuse(path, audios)
+        if cache is not None:
+            return cache
+        device = next(model.parameters()).device
+        was_training = model.speech_model.training
+        model.speech_model.eval()
+        features = {}
+        for index, audio in enumerate(tqdm(audios, desc="caching frozen HuBERT features")):
+            inputs = processor(audio=[audio])
+            frames, _ = model.speech_frames(inputs["input_values"].to(device), None)
+            features[audio_key(audio)] = frames[0].cpu().clone()
+        model.speech_model.train(was_training)
+        cls._write(features, path)
+        return cls(path)
+
+
+class ImageFeatureCache(_FeatureCache):
+    """`cache[image_id]` -> the vision tower's last hidden state `[1 + patches, hidden]` for that image."""
+
+    def __contains__(self, image_id: int) -> bool:
+        return str(int(image_id)) in self._keys
 
     def __getitem__(self, image_id: int) -> torch.Tensor:
         key = str(int(image_id))
@@ -80,10 +154,9 @@ class ImageFeatureCache:
         # The tower's weights and the image files both name the file: a change to either builds a new cache.
         path = (Path(cache_dir) /
                 f"image_features-{tag}-{backbone_fingerprint(vision_model)}-{images_fingerprint(dataset, first_row)}.safetensors")
-        if path.is_file():
-            cache = cls(path)
-            if all(image_id in cache for image_id in first_row):
-                return cache
+        cache = cls._reuse(path, first_row)
+        if cache is not None:
+            return cache
         device = next(vision_model.parameters()).device
         was_training = vision_model.training
         vision_model.eval()
@@ -95,7 +168,5 @@ class ImageFeatureCache:
             hidden = vision_model(pixel_values=pixel_values.to(device)).last_hidden_state.cpu()
             features.update({str(int(i)): h.clone() for i, h in zip(image_ids, hidden)})
         vision_model.train(was_training)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(features, str(path) + ".tmp")
-        os.replace(str(path) + ".tmp", path)
+        cls._write(features, path)
         return cls(path)

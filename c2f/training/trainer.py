@@ -14,6 +14,8 @@ from .momentum import MomentumModel
 from .queue import EmbeddingQueue
 
 STATE_FILE = "c2f_training_state.safetensors"
+# Raw audio, or a frozen HuBERT's cached frames (SpeechFeatureCache through the collator).
+SPEECH_INPUTS = ("input_values", "attention_mask", "speech_hidden_states", "speech_frame_mask")
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
@@ -175,6 +177,7 @@ class C2FTrainer(Trainer):
         args = self.args
         image_ids = inputs["image_ids"]
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
+        speech_inputs = {key: inputs[key] for key in SPEECH_INPUTS if key in inputs}
         queue_keys = self.queue.keys() if self.queue is not None and self.momentum_started() else None
         alpha = self.current_alpha()
         filling = model.training and self.queue_filling()
@@ -182,7 +185,7 @@ class C2FTrainer(Trainer):
         if needs_momentum:  # the momentum features feed the queue and the soft targets; nothing else
             momentum = self.momentum_model.model
             with torch.no_grad():
-                momentum_speech = momentum.get_speech_features(inputs["input_values"], inputs.get("attention_mask"))
+                momentum_speech = momentum.get_speech_features(**speech_inputs)
                 momentum_image = momentum.get_image_features(**image_inputs)
                 all_speech, all_image, all_ids = map(self._gather, (momentum_speech, momentum_image, image_ids))
         soft_targets = {}
@@ -197,8 +200,6 @@ class C2FTrainer(Trainer):
                     soft_targets_image_to_speech=(momentum_image @ key_speech.t() / temperature).softmax(dim=1),
                 )
         outputs = model(
-            input_values=inputs["input_values"],
-            attention_mask=inputs.get("attention_mask"),
             image_ids=image_ids,
             return_loss=True,
             compute_sim_loss=args.use_sim,
@@ -208,6 +209,7 @@ class C2FTrainer(Trainer):
             distill_alpha=alpha,
             gather_fn=gather_with_grad if self.accelerator.num_processes > 1 else None,
             **soft_targets,
+            **speech_inputs,
             **image_inputs,
         )
         loss = outputs.loss_sic
