@@ -12,7 +12,6 @@ The SIM head needs the candidates' token sequences, not just their pooled embedd
 million images), so the index stores paths and re-encodes the `rerank_k` candidates of each query from their files.
 """
 
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from .fingerprint import weights_fingerprint
 from .pipeline_c2f import is_query_batch
 from .quantized_gallery import QuantizedEmbeddings
 
@@ -39,12 +39,11 @@ def model_fingerprint(model) -> str:
     """Identifies the embedding space by the weights that end each tower. An index built with one model is useless
     with another, and fails loudly rather than returning noise. (Not the config: it records the path the model was
     loaded from, so the same model loaded by a relative and by an absolute path would differ.)"""
-    digest = hashlib.sha256(str(model.config.embed_dim).encode())
-    for module in (model.image_projection, model.speech_projection, model.speech_encoder.final_norm,
-                   model.vision_model.post_layernorm):
-        for tensor in module.state_dict().values():
-            digest.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+    ends = {"image_projection": model.image_projection, "speech_projection": model.speech_projection,
+            "speech_encoder.final_norm": model.speech_encoder.final_norm,
+            "vision_model.post_layernorm": model.vision_model.post_layernorm}
+    tensors = [(f"{prefix}.{name}", tensor) for prefix, module in ends.items() for name, tensor in module.state_dict().items()]
+    return weights_fingerprint(tensors, {"embed_dim": model.config.embed_dim})
 
 
 def list_media(folder: str | os.PathLike, modality: str) -> list[str]:

@@ -43,3 +43,15 @@ def test_momentum_model_is_an_ema_of_trainable_weights_and_shares_frozen_towers(
     restored = MomentumModel(C2FSpeechImageModel(tiny_config()), momentum=0.9)
     restored.load_state_dict(momentum.state_dict())
     assert torch.equal(restored.model.speech_projection.weight, momentum.model.speech_projection.weight)
+
+
+def test_momentum_model_leaves_out_the_parts_it_never_runs():
+    model = C2FSpeechImageModel(tiny_config())
+    momentum = MomentumModel(model, momentum=0.9, unused=("multimodal_encoder", "match_head"))
+    assert not any(name.startswith(("momentum.multimodal_encoder.", "momentum.match_head.")) for name in momentum.state_dict())
+    assert any(name.startswith("momentum.speech_encoder.") for name in momentum.state_dict())
+    assert isinstance(momentum.model.match_head, torch.nn.Identity) and not isinstance(model.match_head, torch.nn.Identity)
+    with torch.no_grad():  # it still embeds like the online model
+        audio, images = torch.randn(2, 8000), torch.rand(2, 3, 64, 64)
+        assert torch.allclose(momentum.model.get_speech_features(audio), model.eval().get_speech_features(audio))
+        assert torch.allclose(momentum.model.get_image_features(images), model.get_image_features(images))

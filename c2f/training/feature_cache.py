@@ -8,7 +8,6 @@ mistake.
 """
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -20,17 +19,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..data import first_row_of_each_image
+from ..fingerprint import weights_fingerprint
 from ..processing_c2f import C2FProcessor
 
 
-def backbone_fingerprint(vision_model: torch.nn.Module) -> str:
+def backbone_fingerprint(backbone: torch.nn.Module) -> str:
     # The config minus where it was loaded from: the same tower read from another path is the same tower.
-    config = {key: value for key, value in vision_model.config.to_dict().items() if key != "_name_or_path"}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(vision_model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()[:16]
+    config = {key: value for key, value in backbone.config.to_dict().items() if key != "_name_or_path"}
+    return weights_fingerprint(sorted(backbone.state_dict().items()), config)
 
 
 def _digest_file(digest, item) -> None:

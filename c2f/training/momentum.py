@@ -8,21 +8,22 @@ from torch import nn
 
 class MomentumModel:
     """An EMA copy of the trainable weights. Frozen sub-modules are shared with the online model, not copied:
-    their EMA equals themselves, and BLIP-2's ViT-g is a billion parameters."""
+    their EMA equals themselves, and BLIP-2's ViT-g is a billion parameters. Sub-modules named in `unused` (the parts
+    the momentum model never runs, e.g. the SIM head: it only embeds) are neither copied nor averaged."""
 
-    def __init__(self, model: nn.Module, momentum: float):
+    def __init__(self, model: nn.Module, momentum: float, unused: tuple[str, ...] = ()):
         self.momentum = momentum
         frozen = {name for name, module in model.named_children() if not any(p.requires_grad for p in module.parameters())}
-        shared = {name: getattr(model, name) for name in frozen}
-        for name in frozen:  # keep the big frozen towers out of deepcopy
+        set_aside = {name: getattr(model, name) for name in frozen | set(unused)}
+        for name in set_aside:  # keep the big frozen towers (and unused parts) out of deepcopy
             setattr(model, name, nn.Identity())
         try:
             self.model = copy.deepcopy(model)
         finally:
-            for name, module in shared.items():
+            for name, module in set_aside.items():
                 setattr(model, name, module)
-        for name, module in shared.items():
-            setattr(self.model, name, module)
+        for name in frozen - set(unused):
+            setattr(self.model, name, set_aside[name])
         self.model.requires_grad_(False)
         self.model.eval()
         if hasattr(self.model, "unpadded_speech_inference"):  # batches as the online model sees them, not clip by clip
@@ -30,7 +31,7 @@ class MomentumModel:
         self._pairs = [
             (name, parameter, dict(self.model.named_parameters())[name])
             for name, parameter in model.named_parameters()
-            if parameter.requires_grad
+            if parameter.requires_grad and name.split(".")[0] not in unused
         ]
 
     @torch.no_grad()

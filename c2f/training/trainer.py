@@ -98,7 +98,8 @@ class C2FTrainer(Trainer):
         args = self.args
         if not (args.use_queue or args.use_distillation):
             return  # nothing reads momentum features: no copy to build and update every step
-        self.momentum_model = MomentumModel(model, args.momentum)
+        # It only embeds (queue features, soft targets): the SIM layers are neither copied nor averaged.
+        self.momentum_model = MomentumModel(model, args.momentum, unused=("multimodal_encoder", "match_head"))
         device = next(model.parameters()).device
         self.queue = EmbeddingQueue(args.queue_size, model.config.embed_dim, device) if args.use_queue else None
 
