@@ -64,17 +64,18 @@ def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path):
 
 def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):
     """With voice augmentation on: its draws are numbered by batch and continue from the checkpoint's step."""
-    straight = _trainer(tmp_path / "straight", max_steps=4, augmentation=SpeechAugmentation())
+    straight = _trainer(tmp_path / "straight", max_steps=4, augmentation=SpeechAugmentation(), weight_ema=0.9)
     straight.train()
 
-    first_half = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation())
+    first_half = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation(), weight_ema=0.9)
     first_half.train()  # saves checkpoint-2 and checkpoint-4; resume from the middle one
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     state = load_file(checkpoint / STATE_FILE)
     assert int(state["queue.filled"]) == 8 and any(name.startswith("momentum.") for name in state)
+    assert int(state["weight_ema.updates"]) == 2 and any(name.startswith("weight_ema.speech") for name in state)
     assert not any(name.endswith(".tmp") for name in os.listdir(checkpoint))
 
-    resumed = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation())
+    resumed = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation(), weight_ema=0.9)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(expected, actual, atol=1e-6), name
@@ -136,3 +137,25 @@ def test_queue_fills_only_in_the_steps_before_it_joins(tmp_path):
     trainer.model.register_forward_pre_hook(lambda module, args: filled.append(trainer.queue.filled))
     trainer.train()
     assert filled == [0, 0, 0, 0, 0, 4, 8, 8]
+
+
+def test_weight_ema_replaces_the_last_weights_at_the_end(tmp_path):
+    from transformers import TrainerCallback
+
+    trainer = _trainer(tmp_path, max_steps=3, weight_ema=0.9)
+    last = {}
+
+    class LastWeights(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            last.update({name: tensor.detach().clone() for name, tensor in model.state_dict().items()})
+
+    trainer.add_callback(LastWeights())
+    before = trainer.model.speech_projection.weight.detach().clone()
+    trainer.train()
+    ema = trainer.weight_ema.model.speech_projection.weight
+    assert torch.equal(trainer.model.speech_projection.weight, ema)
+    assert not torch.equal(ema, last["speech_projection.weight"]) and not torch.equal(ema, before)
+    # With warm-up the first factors are 0.1, 0.18, 0.25 (not 0.9): three steps move the average most of the way.
+    assert trainer.weight_ema.updates == 3
+    distance_to_last = (ema - last["speech_projection.weight"]).norm()
+    assert distance_to_last < (before - last["speech_projection.weight"]).norm()

@@ -13,6 +13,7 @@ class C2FTrainingArguments(TrainingArguments):
     distill_alpha: float = field(default=0.4, metadata={"help": "Weight of the momentum model's soft SIC targets."})
     alpha_warmup_epochs: float = field(default=1.0, metadata={"help": "Ramp alpha linearly from 0 over this many epochs (counted from momentum_start_epochs)."})
     momentum_start_epochs: float = field(default=0.0, metadata={"help": "SIC over the batch only for this many epochs; then the queue (filled all along) and the momentum soft targets join. For towers trained from scratch, whose momentum copy starts uninformative."})
+    weight_ema: float = field(default=0.0, metadata={"help": "Keep an EMA of all trainable weights with this factor per step, and end training with it in place of the last weights (0: off). Not the momentum model, which only makes targets."})
     sim_loss_weight: float = field(default=1.0, metadata={"help": "Weight of the SIM loss next to the SIC loss."})
     eval_rerank_k: int | None = field(default=None, metadata={"help": "SIM re-rank depth at evaluation (default: config.k_test)."})
     use_queue: bool = field(default=True, metadata={"help": "Use the momentum embedding queue as extra SIC negatives."})

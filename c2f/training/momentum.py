@@ -11,8 +11,14 @@ class MomentumModel:
     their EMA equals themselves, and BLIP-2's ViT-g is a billion parameters. Sub-modules named in `unused` (the parts
     the momentum model never runs, e.g. the SIM head: it only embeds) are neither copied nor averaged."""
 
-    def __init__(self, model: nn.Module, momentum: float, unused: tuple[str, ...] = ()):
+    def __init__(self, model: nn.Module, momentum: float, unused: tuple[str, ...] = (), prefix: str = "momentum.",
+                 warmup: bool = False):
         self.momentum = momentum
+        self.prefix = prefix  # of its checkpoint keys
+        # With warmup the factor grows as (1 + n) / (10 + n) up to `momentum` (timm's model EMA), so an average of a
+        # short run is not dominated by the random initial weights.
+        self.warmup = warmup
+        self.updates = 0
         frozen = {name for name, module in model.named_children() if not any(p.requires_grad for p in module.parameters())}
         set_aside = {name: getattr(model, name) for name in frozen | set(unused)}
         for name in set_aside:  # keep the big frozen towers (and unused parts) out of deepcopy
@@ -36,18 +42,31 @@ class MomentumModel:
 
     @torch.no_grad()
     def update(self) -> None:
+        factor = min(self.momentum, (1 + self.updates) / (10 + self.updates)) if self.warmup else self.momentum
+        self.updates += 1
         online = [pair[1].detach() for pair in self._pairs]
         ema = [pair[2] for pair in self._pairs]
-        torch._foreach_mul_(ema, self.momentum)
-        torch._foreach_add_(ema, online, alpha=1 - self.momentum)
+        torch._foreach_mul_(ema, factor)
+        torch._foreach_add_(ema, online, alpha=1 - factor)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"momentum.{name}": ema for name, _, ema in self._pairs}
+        state = {f"{self.prefix}{name}": ema for name, _, ema in self._pairs}
+        if self.warmup:
+            state[f"{self.prefix}updates"] = torch.tensor(self.updates)
+        return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = [name for name, _, _ in self._pairs if f"momentum.{name}" not in state]
+        missing = [name for name, _, _ in self._pairs if f"{self.prefix}{name}" not in state]
         if missing:
-            raise ValueError(f"checkpoint lacks momentum weights for {len(missing)} parameters (first: {missing[:3]})")
+            raise ValueError(f"checkpoint lacks {self.prefix.rstrip('.')} weights for {len(missing)} parameters (first: {missing[:3]})")
         with torch.no_grad():
             for name, _, ema in self._pairs:
-                ema.copy_(state[f"momentum.{name}"])
+                ema.copy_(state[f"{self.prefix}{name}"])
+        if self.warmup:
+            self.updates = int(state[f"{self.prefix}updates"])
+
+    @torch.no_grad()
+    def copy_to_online(self) -> None:
+        """Write the averages into the online model's parameters (a weight EMA's end of training)."""
+        for _, online, ema in self._pairs:
+            online.copy_(ema)

@@ -67,8 +67,13 @@ class _MomentumUpdate(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.trainer.momentum_model is not None:
-            self.trainer.momentum_model.update()
+        for average in (self.trainer.momentum_model, self.trainer.weight_ema):
+            if average is not None:
+                average.update()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.weight_ema is not None:  # the model leaves training as its weight average
+            self.trainer.weight_ema.copy_to_online()
 
 
 class C2FTrainer(Trainer):
@@ -81,6 +86,7 @@ class C2FTrainer(Trainer):
         refuse_sharded_parameters(self.accelerator, self.args)
         self.processor = processor
         self.momentum_model: MomentumModel | None = None
+        self.weight_ema: MomentumModel | None = None
         self.queue: EmbeddingQueue | None = None
         self._training_state_ready = False
         self._steps_per_epoch: int | None = None
@@ -96,6 +102,8 @@ class C2FTrainer(Trainer):
         self._training_state_ready = True
         model = self.accelerator.unwrap_model(self.model)
         args = self.args
+        if args.weight_ema > 0:
+            self.weight_ema = MomentumModel(model, args.weight_ema, prefix="weight_ema.", warmup=True)
         if not (args.use_queue or args.use_distillation):
             return  # nothing reads momentum features: no copy to build and update every step
         # It only embeds (queue features, soft targets): the SIM layers are neither copied nor averaged.
@@ -106,6 +114,8 @@ class C2FTrainer(Trainer):
     def training_state_dict(self) -> dict[str, torch.Tensor]:
         self._ensure_training_state()
         state = dict(self.momentum_model.state_dict()) if self.momentum_model is not None else {}
+        if self.weight_ema is not None:
+            state.update(self.weight_ema.state_dict())
         if self.queue is not None:
             state.update(self.queue.state_dict())
         return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
@@ -133,8 +143,9 @@ class C2FTrainer(Trainer):
         path = os.path.join(resume_from_checkpoint, STATE_FILE)
         self._ensure_training_state()
         state = load_file(path)
-        if self.momentum_model is not None:
-            self.momentum_model.load_state_dict(state)
+        for average in (self.momentum_model, self.weight_ema):
+            if average is not None:
+                average.load_state_dict(state)
         if self.queue is not None:
             self.queue.load_state_dict({k: v.to(self.queue.speech.device) for k, v in state.items() if k.startswith("queue.")})
         augmentation = getattr(self.data_collator, "augmentation", None)
