@@ -62,15 +62,31 @@ def audio_key(audio) -> str:
 
 
 class _FeatureCache:
-    """`cache[key]` -> one backbone output, read from a safetensors file on demand."""
+    """`cache[item]` -> one backbone output, read from a safetensors file on demand. Subclasses say how an item (an
+    image id, a clip) becomes a key."""
+
+    what = "item"
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._file = safe_open(str(self.path), framework="pt")
         self._keys = set(self._file.keys())
 
+    @staticmethod
+    def key(item) -> str:
+        raise NotImplementedError
+
     def __len__(self) -> int:
         return len(self._keys)
+
+    def __contains__(self, item) -> bool:
+        return self.key(item) in self._keys
+
+    def __getitem__(self, item) -> torch.Tensor:
+        key = self.key(item)
+        if key not in self._keys:
+            raise KeyError(f"{self.what} {item} is not in the feature cache {self.path}; rebuild it for this dataset")
+        return self._file.get_tensor(key)
 
     @staticmethod
     def _write(features: dict[str, torch.Tensor], path: Path) -> None:
@@ -90,14 +106,8 @@ class SpeechFeatureCache(_FeatureCache):
     """`cache[audio]` -> a frozen HuBERT's frames `[frames, hidden]` for that clip, computed on the clip alone (no
     padding), in eval mode. Valid only while the clips are not augmented: the collator refuses the two together."""
 
-    def __contains__(self, audio) -> bool:
-        return audio_key(audio) in self._keys
-
-    def __getitem__(self, audio) -> torch.Tensor:
-        key = audio_key(audio)
-        if key not in self._keys:
-            raise KeyError(f"clip {audio} is not in the HuBERT feature cache {self.path}; rebuild it for this dataset")
-        return self._file.get_tensor(key)
+    what = "clip"
+    key = staticmethod(audio_key)
 
     @classmethod
     @torch.no_grad()
@@ -132,14 +142,11 @@ class SpeechFeatureCache(_FeatureCache):
 class ImageFeatureCache(_FeatureCache):
     """`cache[image_id]` -> the vision tower's last hidden state `[1 + patches, hidden]` for that image."""
 
-    def __contains__(self, image_id: int) -> bool:
-        return str(int(image_id)) in self._keys
+    what = "image id"
 
-    def __getitem__(self, image_id: int) -> torch.Tensor:
-        key = str(int(image_id))
-        if key not in self._keys:
-            raise KeyError(f"image id {image_id} is not in the feature cache {self.path}; rebuild it for this dataset")
-        return self._file.get_tensor(key)
+    @staticmethod
+    def key(image_id: int) -> str:
+        return str(int(image_id))
 
     @classmethod
     @torch.no_grad()
