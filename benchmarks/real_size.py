@@ -88,12 +88,12 @@ def measure(spec: dict) -> dict:
     from c2f import C2FProcessor, C2FSpeechImageModel
     from c2f.data import SpeechImageCollator, load_demo
     from c2f.training import C2FTrainer, C2FTrainingArguments
-    from c2f.training.feature_cache import ImageFeatureCache
+    from c2f.training.feature_cache import ImageFeatureCache, SpeechFeatureCache
     from benchmarks.train_throughput import FixedBatches
 
     device = spec["device"]
     started = time.perf_counter()
-    model = C2FSpeechImageModel.from_backbones(spec["hubert"], spec["blip2"])
+    model = C2FSpeechImageModel.from_backbones(spec["hubert"], spec["blip2"], freeze_speech_backbone=spec["freeze_speech"])
     processor = C2FProcessor.from_backbones(spec["hubert"], spec["blip2"])
     load_seconds = time.perf_counter() - started
     total = sum(parameter.numel() for parameter in model.parameters())
@@ -111,8 +111,10 @@ def measure(spec: dict) -> dict:
         cache_seconds = time.perf_counter() - started
         result.update(cache_images=len(cache), cache_s_per_image=round(cache_seconds / len(cache), 4),
                       cache_bytes_per_image=round(cache.path.stat().st_size / len(cache)))
+        # A frozen HuBERT is cached too (both variants below): the comparison then isolates the ViT-g.
+        speech = SpeechFeatureCache.build(model, processor, rows, scratch) if spec["freeze_speech"] else None
         for cached in ([True, False] if spec["compare_uncached"] else [True]):
-            collate = SpeechImageCollator(processor, image_features=cache if cached else None)
+            collate = SpeechImageCollator(processor, image_features=cache if cached else None, speech_features=speech)
             batches = [collate([rows[index] for index in range(step * batch, (step + 1) * batch)]) for step in range(steps)]
             args = C2FTrainingArguments(
                 output_dir=os.path.join(scratch, "run"), max_steps=steps, per_device_train_batch_size=1,
@@ -150,6 +152,8 @@ def main():
                         "the backward pass instead of storing them.")
     parser.add_argument("--compare_uncached", action="store_true", default=None,
                         help="Also time steps with the ViT-g running (default: on for CPU).")
+    parser.add_argument("--freeze_speech", action="store_true", help="Freeze HuBERT too and read its frames from the "
+                        "speech feature cache (SpeechCLIP's setting).")
     parser.add_argument("--cache_batch", type=int, default=16, help="Images per ViT-g forward while caching.")
     parser.add_argument("--checkpoints", default="outputs/real_size/checkpoints")
     parser.add_argument("--tiny", action="store_true", help="Toy-width checkpoints in the same layouts (smoke test).")
@@ -166,7 +170,8 @@ def main():
         for batch in args.batch:
             spec = dict(speech=speech, hubert=str(paths[speech]), blip2=str(paths["blip2"]), batch=batch,
                         steps=args.steps, warmup=args.warmup, device=args.device, bf16=args.bf16, cache_batch=args.cache_batch,
-                        gradient_checkpointing=args.gradient_checkpointing, compare_uncached=compare)
+                        gradient_checkpointing=args.gradient_checkpointing, compare_uncached=compare,
+                        freeze_speech=args.freeze_speech)
             # A fresh process per configuration: its peak RSS and GPU memory are its own.
             completed = subprocess.run([sys.executable, "-m", "benchmarks.real_size", "--_worker", json.dumps(spec)],
                                        capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
@@ -189,7 +194,7 @@ def print_table(results: list[dict], args) -> None:
     machine = results[0].get("gpu") if results and "gpu" in results[0] else f"{platform.processor() or 'CPU'}, {os.cpu_count()} cores"
     print(f"\nc2f real size on {machine}, {'bf16' if args.bf16 else 'fp32'}"
           f"{', gradient checkpointing' if args.gradient_checkpointing else ''}; steps of the full recipe, "
-          "image tower frozen and cached")
+          f"image tower frozen and cached{', HuBERT frozen and cached' if args.freeze_speech else ''}")
     columns = ["speech", "batch", "params (total / trainable)", "s/step", "samples/s", "peak RSS GiB"]
     gpu = any("peak_gpu_gib" in result for result in results)
     uncached = any("uncached_s_per_step" in result for result in results)
