@@ -45,7 +45,7 @@ setup(
             "c2f-index = c2f.cli:index_entry_point",
             "c2f-search = c2f.cli:search_entry_point",
             "c2f-app = c2f.app:main",
-            "c2f-train = c2f.train:main",
+            "c2f-train = c2f.train:entry_point",
         ]
     },
     classifiers=[

@@ -282,5 +282,10 @@ def main(argv=None):
     return results
 
 
+def entry_point() -> None:
+    """`c2f-train`: a console script exits with what its function returns, and `main` returns the results."""
+    main()
+
+
 if __name__ == "__main__":
     main()

@@ -151,8 +151,13 @@ def test_the_installed_package_trains_without_the_checkout(tmp_path):
     package: run from another folder, it answers --help with the script's defaults."""
     result = subprocess.run([sys.executable, "-m", "c2f.train", "--help"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
+    # The console script's function returns nothing (a returned results dict would become the exit status).
+    import c2f.train
+    from importlib.metadata import entry_points
+
+    (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "c2f-train"]
+    assert script.load() is c2f.train.entry_point
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--momentum_start_epochs" in result.stdout and "demo default 16" in result.stdout
-    import c2f.train
 
     assert Path(c2f.train.__file__).with_name("model_card.md").is_file()
