@@ -85,7 +85,7 @@ def index_main(argv=None) -> int:
                 index.remove(args.ids)
                 index.save(args.index)
             print(f"index now holds {len(index)} items")
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, OSError) as error:  # OSError: a file named by the index or the user is gone
         print(f"c2f-index: error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -186,9 +186,10 @@ def search_main(argv=None) -> int:
         if args.png or args.html:
             if index.modality != "image":
                 raise ValueError("--png/--html draw images: use them with an image index")
+            Path(args.png or args.html).parent.mkdir(parents=True, exist_ok=True)
             transcript = _transcript_of(args.query, args.transcript)
             (render_png if args.png else render_html)(args.query, transcript, results, args.png or args.html)
-    except (ValueError, KeyError) as error:
+    except (ValueError, KeyError, OSError) as error:  # OSError: a file named by the index or the user is gone
         print(f"c2f-search: error: {error}", file=sys.stderr)
         return 2
     return 0

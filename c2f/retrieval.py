@@ -226,9 +226,12 @@ class SpeechImageIndex:
         embeddings = _embeddings_file_of(folder, metadata)
         if not embeddings.is_file():
             raise ValueError(f"{folder} is not a c2f index: {embeddings.name}, named by {METADATA_FILE}, is missing")
-        with safe_open(str(embeddings), framework="pt") as handle:  # memory-mapped, not read
-            gallery = QuantizedEmbeddings.from_tensors({name: handle.get_tensor(name) for name in handle.keys()},
-                                                       source=str(embeddings))
+        try:
+            with safe_open(str(embeddings), framework="pt") as handle:  # memory-mapped, not read
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # safetensors raises its own error type for a cut or overwritten file
+            raise ValueError(f"{embeddings} is not a readable safetensors file ({error}); rebuild the index") from error
+        gallery = QuantizedEmbeddings.from_tensors(tensors, source=str(embeddings))
         if len(gallery) != len(metadata["records"]):
             raise ValueError(f"{folder}: {len(gallery)} embeddings but {len(metadata['records'])} records")
         return cls(gallery, metadata["records"], metadata["modality"], metadata["model_fingerprint"], metadata.get("model_path"))

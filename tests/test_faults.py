@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import c2f.retrieval
-from c2f import save_for_pipeline
+from c2f import C2FSpeechImageModel, save_for_pipeline
 from c2f.cli import index_main, search_main
 from c2f.retrieval import SpeechImageIndex, index_lock
 
@@ -187,3 +187,40 @@ def test_folders_named_like_images_are_not_listed(tmp_path):
     (tmp_path / "photos" / "holiday.png").mkdir()
     assert all(os.path.isfile(path) for path in list_media(tmp_path / "photos", "image"))
     assert len(list_media(tmp_path / "photos", "image")) == 2
+
+
+def test_search_cli_faults_end_in_one_clear_line(tmp_path, model, processor, capsys):
+    """A cut embeddings file, a gallery file that vanished, a picture into a new folder, and non-finite scores: an exit
+    status and a message naming the file, never a traceback, never a silent answer."""
+    import soundfile
+
+    model.eval()
+    save_for_pipeline(model, processor, tmp_path / "model")
+    _images(tmp_path / "images", 4)
+    assert index_main(["build", "--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"),
+                       "--out", str(tmp_path / "index")]) == 0
+    query = tmp_path / "q.wav"
+    soundfile.write(query, np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1, 16000)
+    base = ["--index", str(tmp_path / "index"), str(query)]
+    # A picture into a folder that does not exist yet: the folder is made.
+    assert search_main(base + ["--png", str(tmp_path / "new" / "out.png"), "--top-k", "2"]) == 0
+    assert (tmp_path / "new" / "out.png").is_file()
+    # A gallery file deleted after indexing: named, exit 2 (re-ranking and the picture both re-read it).
+    missing = sorted((tmp_path / "images").iterdir())[0]
+    missing.unlink()
+    capsys.readouterr()
+    assert search_main(base + ["--top-k", "4", "--png", str(tmp_path / "out.png")]) == 2
+    assert missing.name in capsys.readouterr().err
+    # Non-finite scores (weights broken where the index's fingerprint does not look) are refused, not ranked.
+    broken = C2FSpeechImageModel.from_pretrained(tmp_path / "model")
+    with torch.no_grad():
+        broken.speech_encoder.input_projection.weight.fill_(float("nan"))
+    save_for_pipeline(broken, processor, tmp_path / "broken")
+    capsys.readouterr()
+    assert search_main(base + ["--model", str(tmp_path / "broken"), "--rerank-k", "0"]) == 2
+    assert "non-finite scores" in capsys.readouterr().err
+    # An embeddings file cut short: a ValueError naming it.
+    embeddings = next((tmp_path / "index").glob("embeddings-*.safetensors"))
+    embeddings.write_bytes(embeddings.read_bytes()[:100])
+    with pytest.raises(ValueError, match=f"{embeddings.name} is not a readable safetensors file"):
+        SpeechImageIndex.load(tmp_path / "index")
