@@ -95,11 +95,14 @@ class _FeatureCache:
         os.replace(str(path) + ".tmp", path)  # atomic: a crash leaves no half-written cache behind
 
     @classmethod
-    def _reuse(cls, path: Path, keys) -> "_FeatureCache | None":
+    def _find(cls, cache_dir, kind: str, tag: str, backbone: torch.nn.Module, files: str, items) -> tuple[Path, "_FeatureCache | None"]:
+        """The cache file's path (named by the backbone's weights and the media files' fingerprint) and the cache
+        there, if it holds every item; else None (to be built)."""
+        path = Path(cache_dir) / f"{kind}_features-{tag}-{backbone_fingerprint(backbone)}-{files}.safetensors"
         if not path.is_file():
-            return None
+            return path, None
         cache = cls(path)
-        return cache if all(key in cache for key in keys) else None
+        return path, cache if all(item in cache for item in items) else None
 
 
 class SpeechFeatureCache(_FeatureCache):
@@ -121,9 +124,7 @@ class SpeechFeatureCache(_FeatureCache):
         digest = hashlib.sha256()
         for audio in audios:
             _digest_file(digest, audio)
-        path = (Path(cache_dir) /
-                f"speech_features-{tag}-{backbone_fingerprint(model.speech_model)}-{digest.hexdigest()[:16]}.safetensors")
-        cache = cls._reuse(path, audios)
+        path, cache = cls._find(cache_dir, "speech", tag, model.speech_model, digest.hexdigest()[:16], audios)
         if cache is not None:
             return cache
         device = next(model.parameters()).device
@@ -155,9 +156,7 @@ class ImageFeatureCache(_FeatureCache):
         """Compute (or reuse) the features of every distinct image of `dataset`."""
         first_row = first_row_of_each_image(dataset)
         # The tower's weights and the image files both name the file: a change to either builds a new cache.
-        path = (Path(cache_dir) /
-                f"image_features-{tag}-{backbone_fingerprint(vision_model)}-{images_fingerprint(dataset, first_row)}.safetensors")
-        cache = cls._reuse(path, first_row)
+        path, cache = cls._find(cache_dir, "image", tag, vision_model, images_fingerprint(dataset, first_row), first_row)
         if cache is not None:
             return cache
         device = next(vision_model.parameters()).device
