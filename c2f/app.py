@@ -7,11 +7,10 @@ calls `launch`); `pip install "c2f[app]"`.
 """
 
 import argparse
-import json
 from pathlib import Path
 
 from .cli import load_model, score_line
-from .data import DEMO_ROOT
+from .data import load_demo
 from .retrieval import SpeechImageIndex
 
 TOP_K = 5
@@ -28,10 +27,8 @@ def _require_gradio():
 def demo_indexes(model, processor, model_dir: str | Path, split: str = "test") -> tuple[Path, Path, dict[str, str]]:
     """Image and caption indexes of the shipped demo split, built once into `MODEL_DIR/demo_index/` (rebuilt when the
     model changes), and `{audio path: caption}` for showing what each clip says."""
-    rows = [json.loads(line) for line in (DEMO_ROOT / "demo" / "metadata.jsonl").read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if row["split"] == split]
-    images = sorted({str(DEMO_ROOT / "demo" / row["image"]) for row in rows})
-    audios = [str(DEMO_ROOT / "demo" / row["audio"]) for row in rows]
+    rows = load_demo(split)
+    images, audios = sorted(set(rows["image"])), list(rows["audio"])
     folders = {}
     for modality, paths in (("image", images), ("audio", audios)):
         folder = Path(model_dir) / "demo_index" / f"{split}-{modality}s"
@@ -40,7 +37,7 @@ def demo_indexes(model, processor, model_dir: str | Path, split: str = "test") -
         except (OSError, ValueError):  # missing, or built with other weights
             SpeechImageIndex.build(model, processor, paths, modality=modality).save(folder)
         folders[modality] = folder
-    transcripts = {str(Path(path).resolve()): row["caption"] for path, row in zip(audios, rows)}
+    transcripts = {str(Path(path).resolve()): caption for path, caption in zip(audios, rows["caption"])}
     return folders["image"], folders["audio"], transcripts
 
 

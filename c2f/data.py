@@ -311,14 +311,14 @@ class SpeechImageCollator:
         return value
 
     def _waveform(self, audio, index: int) -> np.ndarray:
-        key = _cache_key(audio)
+        key = media_cache_key(audio)
         if key is not None and key in self._decoded:
             return self._decoded[key]
         return self._remember(key, load_audio(audio, self.processor.sampling_rate, index=index))
 
     def _pixels(self, images: list) -> torch.Tensor:
         """Preprocessed images, remembered by path like the audio (images are never augmented)."""
-        keys = [_cache_key(image, "image:") for image in images]
+        keys = [media_cache_key(image, "image:") for image in images]
         missing = [index for index, key in enumerate(keys) if key is None or key not in self._decoded]
         fresh = self.processor(images=[images[index] for index in missing])["pixel_values"] if missing else None
         rows = {index: self._remember(keys[index], fresh[position]) for position, index in enumerate(missing)}
@@ -346,8 +346,9 @@ class SpeechImageCollator:
         return batch
 
 
-def _cache_key(item, prefix: str = "audio:") -> str | None:
-    """Decoded media are cached by file path; in-memory items have nothing to save."""
+def media_cache_key(item, prefix: str = "audio:") -> str | None:
+    """The file path a decoded medium is remembered by (after `prefix`); None for in-memory items, which have no
+    file to name them. The collator's decoded cache and the HuBERT feature cache both key clips this way."""
     if isinstance(item, (str, os.PathLike)):
         return prefix + os.fspath(item)
     if isinstance(item, dict) and item.get("bytes") is None and item.get("array") is None and item.get("path"):

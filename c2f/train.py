@@ -218,8 +218,8 @@ def main(argv=None):
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)
     image_features = None
+    cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
     if train is not None and model.config.freeze_image_backbone and data_args.image_feature_cache:
-        cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
         with training_args.main_process_first(desc="image feature cache"):
             image_features = ImageFeatureCache.build(model.vision_model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
     speech_features = None
@@ -228,7 +228,6 @@ def main(argv=None):
             logger.warning("HuBERT feature cache off: voice augmentation changes the clips every epoch "
                            "(--augment_speech false caches the frozen HuBERT's frames)")
         else:
-            cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
             with training_args.main_process_first(desc="speech feature cache"):
                 speech_features = SpeechFeatureCache.build(model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
     # c2f uploads once at the end with its own model card; Trainer's push would overwrite README.md.

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..data import first_row_of_each_image
+from ..data import first_row_of_each_image, media_cache_key
 from ..fingerprint import weights_fingerprint
 from ..processing_c2f import C2FProcessor
 
@@ -54,8 +54,8 @@ def images_fingerprint(dataset: Dataset, first_row: dict[int, int]) -> str:
 
 def audio_key(audio) -> str:
     """The speech cache's key of one clip: its file path (the cache's file name fingerprints size and time)."""
-    path = audio.get("path") if isinstance(audio, dict) and audio.get("bytes") is None and audio.get("array") is None else audio
-    if not isinstance(path, (str, os.PathLike)):
+    path = media_cache_key(audio, prefix="")
+    if path is None:
         raise ValueError("the HuBERT feature cache keys clips by file path; this dataset holds in-memory audio (use "
                          "--speech_feature_cache false, or a dataset with audio paths)")
     return hashlib.sha1(os.path.abspath(path).encode()).hexdigest()
