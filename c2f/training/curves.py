@@ -1,8 +1,7 @@
 """One picture of a finished run: the loss parts, temperature, alpha and queue fill over the steps, and the R@k it
 reached. Written next to the model as `training_curves.png`, from `trainer.state.log_history` (what
-`trainer_state.json` holds), so a run can also be drawn again later from that file."""
+`trainer_state.json` holds)."""
 
-import json
 import os
 from pathlib import Path
 
@@ -51,11 +50,3 @@ def plot_training_curves(log_history: list[dict], results: dict[str, dict[str, f
     plt.close(figure)
     return path
 
-
-def plot_trainer_state(folder: str | os.PathLike) -> Path:
-    """Redraw a finished run from its `trainer_state.json` and `retrieval_results.json`."""
-    folder = Path(folder)
-    history = json.loads((folder / "trainer_state.json").read_text())["log_history"]
-    results_file = folder / "retrieval_results.json"
-    results = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    return plot_training_curves(history, results, folder / "training_curves.png")
