@@ -24,7 +24,9 @@ def recall_metrics(
 ) -> dict[str, float]:
     """`speech_to_image` [speech, images] and `image_to_speech` [images, speech] scores -> R@k (percent), mean and
     median rank. Image->speech counts a hit when any caption of the image is in the top k."""
-    hits = speech_image_ids.view(-1, 1) == gallery_image_ids.view(1, -1)
+    # The ids live on the CPU; the scores wherever the model ran (a GPU in real runs).
+    device = speech_to_image.device
+    hits = speech_image_ids.to(device).view(-1, 1) == gallery_image_ids.to(device).view(1, -1)
     metrics = {}
     for direction, scores, direction_hits in (("s2i", speech_to_image, hits), ("i2s", image_to_speech, hits.t())):
         ranks = ranks_of_first_hit(scores.float(), direction_hits)
