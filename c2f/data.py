@@ -335,14 +335,16 @@ class SpeechImageCollator:
             waveforms = self.augmentation.augment_batch(waveforms, self.processor.sampling_rate)
         return dict(self.processor(audio=waveforms, sampling_rate=self.processor.sampling_rate, max_length=self.max_length))
 
-    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        image_ids = [int(record["image_id"]) for record in records]
-        batch = self._speech_batch(records)
+    def image_batch(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        """The image side of a batch alone: `pixel_values`, or a frozen tower's cached `image_hidden_states`."""
         if self.image_features is not None:
-            batch["image_hidden_states"] = torch.stack([self.image_features[image_id] for image_id in image_ids])
-        else:
-            batch["pixel_values"] = self._pixels([record["image"] for record in records])
-        batch["image_ids"] = torch.tensor(image_ids)
+            return {"image_hidden_states": torch.stack([self.image_features[int(record["image_id"])] for record in records])}
+        return {"pixel_values": self._pixels([record["image"] for record in records])}
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self._speech_batch(records)
+        batch.update(self.image_batch(records))
+        batch["image_ids"] = torch.tensor([int(record["image_id"]) for record in records])
         return batch
 
 
