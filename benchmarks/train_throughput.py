@@ -21,6 +21,7 @@ from c2f.data import SpeechImageCollator, load_demo
 from c2f.modeling_c2f import C2FSpeechImageModel, sic_loss
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments, EmbeddingQueue
+from c2f.training.contrastive import contrastive_keys, distillation_targets
 from c2f.backbone_checkpoints import hubert_config
 from c2f.training.feature_cache import ImageFeatureCache, SpeechFeatureCache
 
@@ -78,14 +79,11 @@ def loop_steps_per_second(batches, recipe):
             with torch.no_grad():
                 speech = momentum.get_speech_features(batch["input_values"], batch["attention_mask"])
                 image = momentum.get_image_features(batch["pixel_values"])
-            keys = queue.keys() or (speech[:0], image[:0], batch["image_ids"][:0])
-            key_speech, key_image = torch.cat([outputs.speech_embeds, keys[0]]), torch.cat([outputs.image_embeds, keys[1]])
-            key_ids = torch.cat([batch["image_ids"], keys[2]])
-            with torch.no_grad():
-                targets = ((speech @ torch.cat([image, keys[1]]).t() / outputs.temperature).softmax(dim=1),
-                           (image @ torch.cat([speech, keys[0]]).t() / outputs.temperature).softmax(dim=1))
+            keys = contrastive_keys(outputs.speech_embeds, outputs.image_embeds, batch["image_ids"], queue.keys())
+            targets = distillation_targets(speech, image, contrastive_keys(speech, image, batch["image_ids"], queue.keys()),
+                                           outputs.temperature.detach())
             loss = sic_loss(outputs.speech_embeds, outputs.image_embeds, batch["image_ids"], outputs.temperature,
-                            key_speech, key_image, key_ids, *targets, distill_alpha=0.4)[0] + outputs.loss_sim
+                            keys.speech, keys.image, keys.image_ids, *targets, distill_alpha=0.4)[0] + outputs.loss_sim
             queue.enqueue(speech, image, batch["image_ids"])
         else:
             loss = sic_loss(outputs.speech_embeds, outputs.image_embeds, batch["image_ids"], outputs.temperature)[0]

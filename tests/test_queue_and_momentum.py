@@ -4,6 +4,7 @@ import torch
 from c2f.modeling_c2f import C2FSpeechImageModel
 from c2f.presets import tiny_config
 from c2f.training import EmbeddingQueue, MomentumModel
+from c2f.training.contrastive import contrastive_keys, distillation_targets
 
 
 def test_queue_wraps_around_and_exposes_only_filled_slots():
@@ -55,3 +56,21 @@ def test_momentum_model_leaves_out_the_parts_it_never_runs():
         audio, images = torch.randn(2, 8000), torch.rand(2, 3, 64, 64)
         assert torch.allclose(momentum.model.get_speech_features(audio), model.eval().get_speech_features(audio))
         assert torch.allclose(momentum.model.get_image_features(images), model.get_image_features(images))
+
+
+def test_soft_targets_and_logits_share_their_keys_column_for_column():
+    torch.manual_seed(0)
+    unit = lambda *shape: torch.nn.functional.normalize(torch.randn(*shape), dim=-1)
+    online_speech, online_image = unit(3, 8), unit(3, 8)
+    ids = torch.tensor([4, 5, 6])
+    queue = EmbeddingQueue(size=5, dim=8)
+    queue.enqueue(unit(4, 8), unit(4, 8), torch.tensor([7, 8, 9, 4]))  # another caption of image 4 is queued
+    online = contrastive_keys(online_speech, online_image, ids, queue.keys())
+    # A momentum model equal to the online one: its soft targets are the online softmax over the very same keys.
+    momentum = contrastive_keys(online_speech.clone(), online_image.clone(), ids, queue.keys())
+    speech_to_image, image_to_speech = distillation_targets(online_speech, online_image, momentum, torch.tensor(0.1))
+    assert torch.equal(online.image_ids, torch.tensor([4, 5, 6, 7, 8, 9, 4]))
+    assert torch.allclose(speech_to_image, (online_speech @ online.image.t() / 0.1).softmax(dim=1))
+    assert torch.allclose(image_to_speech, (online_image @ online.speech.t() / 0.1).softmax(dim=1))
+    assert torch.allclose(speech_to_image.sum(dim=1), torch.ones(3))
+    assert contrastive_keys(online_speech, online_image, ids).image_ids is ids  # no queue: the batch alone

@@ -8,7 +8,8 @@ from safetensors.torch import load_file
 
 from c2f.augmentation import SpeechAugmentation
 from c2f.data import SpeechImageCollator, load_demo
-from c2f.modeling_c2f import C2FSpeechImageModel
+import c2f.training.trainer as trainer_module
+from c2f.modeling_c2f import C2FSpeechImageModel, sic_loss
 from c2f.presets import tiny_config, tiny_processor
 from c2f.training import C2FTrainer, C2FTrainingArguments
 from c2f.training.trainer import STATE_FILE, last_complete_checkpoint
@@ -47,17 +48,17 @@ def test_training_fills_the_queue_and_updates_the_momentum_model(tmp_path):
     assert 0 < last["temperature"] < 1 and last["alpha"] > 0 and last["queue_fill"] == 8
 
 
-def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path):
+def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path, monkeypatch):
     trainer = _trainer(tmp_path, max_steps=4, momentum_start_epochs=0.5)  # 4 steps an epoch: they join at step 2
     seen = []
 
-    def record(module, args, kwargs):
-        if module.training:
-            seen.append((kwargs["queue_speech_embeds"] is not None, kwargs["distill_alpha"]))
+    def recording_sic_loss(speech, image, ids, temperature, key_speech, key_image, key_ids, *targets, distill_alpha):
+        seen.append((len(key_ids), distill_alpha))
+        return sic_loss(speech, image, ids, temperature, key_speech, key_image, key_ids, *targets, distill_alpha=distill_alpha)
 
-    trainer.model.register_forward_pre_hook(record, with_kwargs=True)
+    monkeypatch.setattr(trainer_module, "sic_loss", recording_sic_loss)
     trainer.train()
-    assert [queue for queue, _ in seen] == [False, False, True, True]
+    assert [keys for keys, _ in seen] == [4, 4, 4 + 8, 4 + 8]  # the batch alone, then the batch and the full queue
     assert [alpha for _, alpha in seen][:3] == [0.0, 0.0, 0.0] and seen[3][1] > 0  # the ramp starts at step 2
     assert trainer.queue.filled == 8  # filled from the first step, so it is full when it joins
 

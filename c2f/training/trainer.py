@@ -10,19 +10,14 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..evaluation import evaluate_retrieval
+from ..modeling_c2f import sic_loss
+from .contrastive import contrastive_keys, distillation_targets, gather_with_grad
 from .momentum import MomentumModel
 from .queue import EmbeddingQueue
 
 STATE_FILE = "c2f_training_state.safetensors"
 # Raw audio, or a frozen HuBERT's cached frames (SpeechFeatureCache through the collator).
 SPEECH_INPUTS = ("input_values", "attention_mask", "speech_hidden_states", "speech_frame_mask")
-
-
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate over ranks; gradients flow back to each rank's own slice (for in-batch negatives)."""
-    import torch.distributed.nn.functional as distributed
-
-    return torch.cat(distributed.all_gather(tensor), dim=0)
 
 
 def missing_checkpoint_files(folder: str | os.PathLike) -> list[str]:
@@ -185,56 +180,44 @@ class C2FTrainer(Trainer):
         return self.accelerator.gather(tensor.contiguous()) if self.accelerator.num_processes > 1 else tensor
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """`sic + sim_loss_weight * sim`, where SIC scores the batch against `[batch of all ranks, queue]` with the
+        momentum model's soft targets mixed in, and SIM is the model's own (its weights must run inside `forward`)."""
         self._ensure_training_state()
         args = self.args
         image_ids = inputs["image_ids"]
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
         speech_inputs = {key: inputs[key] for key in SPEECH_INPUTS if key in inputs}
-        queue_keys = self.queue.keys() if self.queue is not None and self.momentum_started() else None
+        outputs = model(**speech_inputs, **image_inputs, image_ids=image_ids, return_loss=True, compute_sim_loss=args.use_sim)
+
+        queue = self.queue.keys() if self.queue is not None and self.momentum_started() else None
         alpha = self.current_alpha()
         filling = model.training and self.queue_filling()
-        needs_momentum = filling or alpha > 0
-        if needs_momentum:  # the momentum features feed the queue and the soft targets; nothing else
+        distributed = self.accelerator.num_processes > 1
+        all_ids = self._gather(image_ids)
+        keys = contrastive_keys(gather_with_grad(outputs.speech_embeds) if distributed else outputs.speech_embeds,
+                                gather_with_grad(outputs.image_embeds) if distributed else outputs.image_embeds,
+                                all_ids, queue)
+        targets = (None, None)
+        if filling or alpha > 0:  # the momentum features feed the queue and the soft targets; nothing else
             momentum = self.momentum_model.model
             with torch.no_grad():
                 momentum_speech = momentum.get_speech_features(**speech_inputs)
                 momentum_image = momentum.get_image_features(**image_inputs)
-                all_speech, all_image, all_ids = map(self._gather, (momentum_speech, momentum_image, image_ids))
-        soft_targets = {}
-        if alpha > 0:
-            with torch.no_grad():
-                temperature = self.accelerator.unwrap_model(model).get_temperature().detach()
-                key_image, key_speech = all_image, all_speech
-                if queue_keys is not None:
-                    key_speech, key_image = torch.cat([all_speech, queue_keys[0]]), torch.cat([all_image, queue_keys[1]])
-                soft_targets = dict(
-                    soft_targets_speech_to_image=(momentum_speech @ key_image.t() / temperature).softmax(dim=1),
-                    soft_targets_image_to_speech=(momentum_image @ key_speech.t() / temperature).softmax(dim=1),
-                )
-        outputs = model(
-            image_ids=image_ids,
-            return_loss=True,
-            compute_sim_loss=args.use_sim,
-            queue_speech_embeds=None if queue_keys is None else queue_keys[0],
-            queue_image_embeds=None if queue_keys is None else queue_keys[1],
-            queue_image_ids=None if queue_keys is None else queue_keys[2],
-            distill_alpha=alpha,
-            gather_fn=gather_with_grad if self.accelerator.num_processes > 1 else None,
-            **soft_targets,
-            **speech_inputs,
-            **image_inputs,
-        )
-        loss = outputs.loss_sic
-        if args.use_sim:
-            loss = loss + args.sim_loss_weight * outputs.loss_sim
+                all_speech, all_image = self._gather(momentum_speech), self._gather(momentum_image)
+            if alpha > 0:
+                momentum_keys = contrastive_keys(all_speech, all_image, all_ids, queue)
+                targets = distillation_targets(momentum_speech, momentum_image, momentum_keys, outputs.temperature.detach())
+        loss_sic = sic_loss(outputs.speech_embeds, outputs.image_embeds, image_ids, outputs.temperature,
+                            keys.speech, keys.image, keys.image_ids, *targets, distill_alpha=alpha)[0]
+        loss = loss_sic + args.sim_loss_weight * outputs.loss_sim if args.use_sim else loss_sic
         if model.training:
-            self._remember_for_logs(outputs, alpha)
+            self._remember_for_logs(loss_sic, outputs, alpha)
         if filling:
             self.queue.enqueue(all_speech, all_image, all_ids)
         return (loss, outputs) if return_outputs else loss
 
-    def _remember_for_logs(self, outputs, alpha: float) -> None:
-        parts = {"loss_sic": outputs.loss_sic, "loss_sim": outputs.loss_sim, "temperature": outputs.temperature}
+    def _remember_for_logs(self, loss_sic: torch.Tensor, outputs, alpha: float) -> None:
+        parts = {"loss_sic": loss_sic, "loss_sim": outputs.loss_sim, "temperature": outputs.temperature}
         for name, value in parts.items():
             if value is not None:  # summed as tensors: no device sync per step
                 self._log_sums[name] = self._log_sums.get(name, 0) + value.detach().float()
