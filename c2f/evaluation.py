@@ -10,10 +10,15 @@ from .modeling_c2f import C2FSpeechImageModel
 from .processing_c2f import C2FProcessor
 
 
-def ranks_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
-    """1-based rank of the best-ranked correct item in each row. `hits[row, col]` marks correct items."""
-    order = scores.argsort(dim=1, descending=True)
-    hit_in_order = torch.gather(hits, 1, order)
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """`[queries, candidates]` scores -> candidate columns, best first (ties keep column order)."""
+    return scores.float().argsort(dim=1, descending=True, stable=True)
+
+
+def ranks_of_first_hit(order: torch.Tensor, hits: torch.Tensor) -> torch.Tensor:
+    """1-based rank of the best-ranked correct item in each row of `order` (columns best first); `hits[row, col]`
+    marks correct items."""
+    hit_in_order = torch.gather(hits.to(order.device), 1, order)
     if not bool(hit_in_order.any(dim=1).all()):
         raise ValueError("every query needs at least one correct item in the gallery")
     return hit_in_order.float().argmax(dim=1) + 1
@@ -22,14 +27,13 @@ def ranks_of_first_hit(scores: torch.Tensor, hits: torch.Tensor) -> torch.Tensor
 def recall_metrics(
     speech_to_image: torch.Tensor, image_to_speech: torch.Tensor, speech_image_ids: torch.Tensor, gallery_image_ids: torch.Tensor, ks=(1, 5, 10)
 ) -> dict[str, float]:
-    """`speech_to_image` [speech, images] and `image_to_speech` [images, speech] scores -> R@k (percent), mean and
-    median rank. Image->speech counts a hit when any caption of the image is in the top k."""
-    # The ids live on the CPU; the scores wherever the model ran (a GPU in real runs).
-    device = speech_to_image.device
-    hits = speech_image_ids.to(device).view(-1, 1) == gallery_image_ids.to(device).view(1, -1)
+    """Rankings `speech_to_image` [speech, images] and `image_to_speech` [images, speech] (candidate columns best
+    first: `ranking(scores)`, or `C2FSpeechImageModel.rerank(...).order`) -> R@k (percent), mean and median rank.
+    Image->speech counts a hit when any caption of the image is in the top k."""
+    hits = speech_image_ids.view(-1, 1) == gallery_image_ids.view(1, -1)
     metrics = {}
-    for direction, scores, direction_hits in (("s2i", speech_to_image, hits), ("i2s", image_to_speech, hits.t())):
-        ranks = ranks_of_first_hit(scores.float(), direction_hits)
+    for direction, order, direction_hits in (("s2i", speech_to_image, hits), ("i2s", image_to_speech, hits.t())):
+        ranks = ranks_of_first_hit(order, direction_hits)
         for k in ks:
             metrics[f"{direction}_R@{k}"] = 100.0 * (ranks <= k).float().mean().item()
         metrics[f"{direction}_mean_rank"] = ranks.float().mean().item()
@@ -84,13 +88,13 @@ def evaluate_retrieval(model, dataset: Dataset, processor, rerank_k: int | None 
     model.eval()
     encoded = encode_for_retrieval(model, dataset, processor, batch_size, progress)
     coarse = encoded["speech_embeds"] @ encoded["image_embeds"].t()
-    metrics = recall_metrics(coarse, coarse.t(), encoded["speech_image_ids"], encoded["gallery_image_ids"])
+    metrics = recall_metrics(ranking(coarse), ranking(coarse.t()), encoded["speech_image_ids"], encoded["gallery_image_ids"])
     rerank_k = model.config.k_test if rerank_k is None else rerank_k
     if rerank_k > 0:
         speech_tokens, speech_mask = _flat_speech_tokens(encoded["speech_tokens"])
         args = (speech_tokens, speech_mask, encoded["image_tokens"], rerank_k)
-        s2i = model.rerank(coarse, *args, queries_are_speech=True).scores
-        i2s = model.rerank(coarse.t().contiguous(), *args, queries_are_speech=False).scores
+        s2i = model.rerank(coarse, *args, queries_are_speech=True).order
+        i2s = model.rerank(coarse.t().contiguous(), *args, queries_are_speech=False).order
         fine = recall_metrics(s2i, i2s, encoded["speech_image_ids"], encoded["gallery_image_ids"])
         metrics.update({f"reranked_{name}": value for name, value in fine.items()})
     model.train(was_training)

@@ -149,18 +149,38 @@ class C2FImageOutput(ModelOutput):
 
 @dataclass
 class C2FRerankOutput(ModelOutput):
-    """Output of [`C2FSpeechImageModel.rerank`].
+    """Output of [`C2FSpeechImageModel.rerank`], the one coarse-to-fine ranking that evaluation, the pipeline and the
+    index all use.
 
     Args:
-        scores: `[queries, candidates]` coarse-to-fine ranking scores: each row's re-ranked candidates (SIM logit margin
-            + cosine / temperature) above all others, which keep their coarse order.
-        match_scores: `[queries, candidates]` SIM match probability of the re-ranked candidates, NaN for the others.
+        order: `[queries, candidates]` candidate columns, best first: the top `k` by cosine in the order of their fine
+            score, then every other candidate in cosine order.
+        coarse_scores: `[queries, candidates]` SIC cosines.
+        fine_scores: `[queries, candidates]` SIM logit margin + cosine / temperature for the re-scored pairs, NaN for
+            the others (their place is given by `order`, not by a made-up score).
+        match_scores: `[queries, candidates]` SIM match probability of the re-scored pairs, NaN for the others.
         reranked: `[queries, candidates]` bool, True where the SIM head scored the pair.
     """
 
-    scores: torch.Tensor | None = None
+    order: torch.Tensor | None = None
+    coarse_scores: torch.Tensor | None = None
+    fine_scores: torch.Tensor | None = None
     match_scores: torch.Tensor | None = None
     reranked: torch.Tensor | None = None
+
+    def results(self, row: int, top_k: int) -> list[dict]:
+        """The best `top_k` of query `row` as `{"index", "score", "coarse_score", "match_score"?}` dicts, best first.
+        `score` is the fine score where the SIM head scored the pair and the cosine below the re-scored ones."""
+        results = []
+        for column in self.order[row, :top_k].tolist():
+            result = {"index": column, "coarse_score": float(self.coarse_scores[row, column])}
+            if self.reranked[row, column]:
+                result["score"] = float(self.fine_scores[row, column])
+                result["match_score"] = float(self.match_scores[row, column])
+            else:
+                result["score"] = result["coarse_score"]
+            results.append(result)
+        return results
 
 
 @dataclass
@@ -757,23 +777,27 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         queries_are_speech: bool = True,
         batch_size: int = 64,
     ) -> C2FRerankOutput:
-        """Coarse-to-fine scores: each row's top-`k` candidates by `coarse_scores` (cosines) are re-scored by SIM logit
-        margin + SIC logit (cosine / temperature), two log-odds the model was trained to produce; all others keep
-        their coarse order below them. (BLIP adds the raw cosine instead: on the demo's held-out-voice validation
-        split that let a weak SIM head override the ranking, S->I R@1 31.2 against 45.4 with the SIC logit.)
+        """Coarse-to-fine ranking: each row's top-`k` candidates by `coarse_scores` (cosines) are re-scored by SIM logit
+        margin + SIC logit (cosine / temperature), two log-odds the model was trained to produce, and ranked by it
+        above all others, which keep their coarse order. (BLIP adds the raw cosine instead: on the demo's
+        held-out-voice validation split that let a weak SIM head override the ranking, S->I R@1 31.2 against 45.4.)
 
         `coarse_scores` is `[queries, candidates]`; token tensors are indexed by speech row / image row, so for
-        image queries (`queries_are_speech=False`) rows index images and columns index speech.
+        image queries (`queries_are_speech=False`) rows index images and columns index speech. Ties keep column order,
+        so with columns already in coarse order only the first `k` candidates' tokens are ever read.
         """
-        k = min(k, coarse_scores.shape[1])
-        reranked = torch.zeros_like(coarse_scores, dtype=torch.bool)
-        match = torch.full_like(coarse_scores, float("nan"), dtype=torch.float32)
+        coarse = coarse_scores.float()
+        coarse_order = coarse.argsort(dim=1, descending=True, stable=True)
+        k = min(k, coarse.shape[1])
+        fine = torch.full_like(coarse, float("nan"))
+        match = torch.full_like(coarse, float("nan"))
+        reranked = torch.zeros_like(coarse, dtype=torch.bool)
         if k == 0:
-            return C2FRerankOutput(scores=coarse_scores.float(), match_scores=match, reranked=reranked)
-        fine = coarse_scores.float() - coarse_scores.max() + coarse_scores.min() - 1e4
-        top_scores, top_index = coarse_scores.topk(k, dim=1)
-        rows = torch.arange(coarse_scores.shape[0], device=coarse_scores.device).repeat_interleave(k)
-        cols = top_index.reshape(-1)
+            return C2FRerankOutput(order=coarse_order, coarse_scores=coarse, fine_scores=fine, match_scores=match,
+                                   reranked=reranked)
+        top = coarse_order[:, :k]
+        rows = torch.arange(coarse.shape[0], device=coarse.device).repeat_interleave(k)
+        cols = top.reshape(-1)
         speech_index, image_index = (rows, cols) if queries_are_speech else (cols, rows)
         margins = []
         for start in range(0, len(rows), batch_size):
@@ -781,10 +805,12 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             logits = self.match_logits(speech_tokens[s], speech_token_mask[s], image_tokens[i])
             margins.append((logits[:, 1] - logits[:, 0]).float())
         margins = torch.cat(margins)
-        fine[rows, cols] = margins + top_scores.reshape(-1).float() / self.get_temperature().float()
+        fine[rows, cols] = margins + coarse[rows, cols] / self.get_temperature().float()
         match[rows, cols] = torch.sigmoid(margins)  # = softmax(logits)[:, 1]
         reranked[rows, cols] = True
-        return C2FRerankOutput(scores=fine, match_scores=match, reranked=reranked)
+        by_fine = top.gather(1, fine.gather(1, top).argsort(dim=1, descending=True, stable=True))
+        order = torch.cat([by_fine, coarse_order[:, k:]], dim=1)
+        return C2FRerankOutput(order=order, coarse_scores=coarse, fine_scores=fine, match_scores=match, reranked=reranked)
 
     def _sim_loss_with_hard_negatives(
         self,

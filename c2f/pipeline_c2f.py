@@ -24,14 +24,16 @@ class SpeechImageRetrievalPipeline(Pipeline):
     ```python
     pipe = pipeline("speech-image-retrieval", model="path/to/c2f", trust_remote_code=True)
     pipe("query.wav", candidate_images=["a.jpg", "b.jpg", "c.jpg"], top_k=2)
-    # [{"score": 3.1, "coarse_score": 0.62, "match_score": 0.97, "index": 2, "image": "c.jpg"}, ...]
+    # [{"index": 2, "coarse_score": 0.62, "score": 3.1, "match_score": 0.97, "image": "c.jpg"}, ...]
     pipe(image, candidate_audios=["x.wav", "y.flac"])  # the reverse direction
     ```
 
     Audio may be a path, a numpy array / tensor (16 kHz unless `sampling_rate` is given) or a
     `{"array", "sampling_rate"}` dict; images a path, PIL image or array (no URLs are fetched). `rerank_k` (default:
     the model's `k_test`) candidates are re-scored by the SIM head; `rerank_k=0` ranks by SIC similarity only.
-    `score` is the ranking score: SIM logit margin + cosine / temperature for re-ranked items, cosine otherwise.
+    Results come best first. `coarse_score` is the SIC cosine; for the re-scored candidates, `match_score` is the SIM
+    match probability and `score` the fine score they are ordered by (SIM logit margin + cosine / temperature);
+    candidates past `rerank_k` follow them in cosine order, with `score` equal to their cosine.
     """
 
     _load_processor = True
@@ -86,23 +88,17 @@ class SpeechImageRetrievalPipeline(Pipeline):
         k = self.model.config.k_test if rerank_k is None else rerank_k
         ranked = self.model.rerank(coarse, speech.speech_tokens, speech.speech_token_mask, images.image_tokens, k,
                                    queries_are_speech=model_inputs["speech_query"])
-        return {"scores": ranked.scores[0], "coarse": coarse[0].float(), "match": ranked.match_scores[0],
-                "reranked": ranked.reranked[0],
-                "candidates": model_inputs["candidates"], "speech_query": model_inputs["speech_query"]}
+        # Plain dicts: Pipeline rebuilds tensor outputs as bare ModelOutputs on their way to postprocess.
+        return {"results": ranked.results(0, len(model_inputs["candidates"])), "candidates": model_inputs["candidates"],
+                "speech_query": model_inputs["speech_query"]}
 
     def postprocess(self, model_outputs, top_k=5):
-        scores = model_outputs["scores"]
-        order = scores.argsort(descending=True)[: min(top_k, len(scores))]
         key = "image" if model_outputs["speech_query"] else "audio"
-        results = []
-        for index in order.tolist():
-            result = {"score": float(scores[index]), "coarse_score": float(model_outputs["coarse"][index]), "index": index}
-            if model_outputs["reranked"][index]:
-                result["match_score"] = float(model_outputs["match"][index])
-            candidate = model_outputs["candidates"][index]
+        results = model_outputs["results"][:top_k]
+        for result in results:
+            candidate = model_outputs["candidates"][result["index"]]
             if isinstance(candidate, (str, os.PathLike)):
                 result[key] = os.fspath(candidate)
-            results.append(result)
         return results
 
 

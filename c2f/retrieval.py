@@ -287,36 +287,25 @@ class SpeechImageIndex:
         coarse, candidates = self.search_embeddings(query_embeds, depth)
         results = []
         for row in range(len(queries)):
-            scores = coarse[row : row + 1].to(device)
-            match = [None] * scores.shape[1]
-            if rerank_k > 0:
-                paths = [self.records[i]["path"] for i in candidates[row, :rerank_k].tolist()]
-                scores, match[: len(paths)] = self._rerank_row(model, processor, query_output, row, paths, scores, speech_queries)
-            order = scores[0].argsort(descending=True)[:top_k].tolist()
+            tokens = self._candidate_tokens(model, processor, query_output, row, candidates[row, :rerank_k], speech_queries, device)
+            # Candidates come in coarse order, so the re-ranking reads the tokens of the first rerank_k alone.
+            ranked = model.rerank(coarse[row : row + 1].to(device), *tokens, rerank_k, queries_are_speech=speech_queries)
             # Record fields first: a record's own "score" or "index" key must not hide the ranking's.
             results.append([
-                {**self.records[int(candidates[row, j])],
-                 "score": float(scores[0, j]), "coarse_score": float(coarse[row, j]), "index": int(candidates[row, j]),
-                 **({"match_score": match[j]} if match[j] is not None else {})}
-                for j in order
+                {**self.records[int(candidates[row, result["index"]])], **result, "index": int(candidates[row, result["index"]])}
+                for result in ranked.results(0, top_k)
             ])
         return results
 
-    def _rerank_row(self, model, processor, query_output, row, paths, scores, speech_queries):
-        """Scores for this row's candidates, and the SIM match probabilities of the first `len(paths)` (the coarse
-        best, in order), re-scored from their re-encoded files (tokens are not stored); the rest stay below them in
-        coarse order."""
-        rerank_k = len(paths)
-        device = scores.device
+    def _candidate_tokens(self, model, processor, query_output, row, candidates, speech_queries, device):
+        """`(speech tokens, speech mask, image tokens)` for query `row` and its `candidates`, re-encoded from their
+        files (the index stores embeddings, not tokens) and indexed the way `rerank` reads them."""
+        if len(candidates) == 0:
+            return None, None, None  # coarse only: rerank reads no tokens
+        paths = [self.records[i]["path"] for i in candidates.tolist()]
         if speech_queries:
             images = model.encode_image(processor(images=paths)["pixel_values"].to(device))
-            tokens = query_output.speech_tokens[row : row + 1], query_output.speech_token_mask[row : row + 1], images.image_tokens
-        else:
-            audio = processor(audio=paths)
-            speech = model.encode_speech(audio["input_values"].to(device), audio["attention_mask"].to(device))
-            tokens = speech.speech_tokens, speech.speech_token_mask, query_output.image_tokens[row : row + 1]
-        ranked = model.rerank(scores[:, :rerank_k], *tokens, rerank_k, queries_are_speech=speech_queries)
-        rest = scores[:, rerank_k:].float()
-        if rest.numel():
-            rest = rest - rest.max() + ranked.scores.min() - 1.0
-        return torch.cat([ranked.scores, rest], dim=1), ranked.match_scores[0].tolist()
+            return query_output.speech_tokens[row : row + 1], query_output.speech_token_mask[row : row + 1], images.image_tokens
+        audio = processor(audio=paths)
+        speech = model.encode_speech(audio["input_values"].to(device), audio["attention_mask"].to(device))
+        return speech.speech_tokens, speech.speech_token_mask, query_output.image_tokens[row : row + 1]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from c2f.evaluation import ranks_of_first_hit, recall_metrics
+from c2f.evaluation import ranking, ranks_of_first_hit, recall_metrics
 
 
 def test_recall_metrics_on_a_hand_computed_similarity_matrix():
@@ -18,7 +18,7 @@ def test_recall_metrics_on_a_hand_computed_similarity_matrix():
         [0.5, 0.1, 0.4, 0.0],  # image 1: caption col 2 at rank 2
         [0.1, 0.2, 0.3, 0.9],  # image 2: caption col 3 at rank 1
     ])
-    metrics = recall_metrics(s2i, i2s, speech_ids, gallery_ids, ks=(1, 2, 3))
+    metrics = recall_metrics(ranking(s2i), ranking(i2s), speech_ids, gallery_ids, ks=(1, 2, 3))
     assert metrics["s2i_R@1"] == pytest.approx(50.0) and metrics["s2i_R@2"] == pytest.approx(75.0)
     assert metrics["s2i_R@3"] == pytest.approx(100.0)
     assert metrics["s2i_mean_rank"] == pytest.approx((1 + 2 + 3 + 1) / 4)
@@ -28,7 +28,7 @@ def test_recall_metrics_on_a_hand_computed_similarity_matrix():
 
 def test_a_query_without_any_correct_item_is_an_error():
     with pytest.raises(ValueError, match="correct item"):
-        ranks_of_first_hit(torch.rand(2, 3), torch.tensor([[True, False, False], [False, False, False]]))
+        ranks_of_first_hit(ranking(torch.rand(2, 3)), torch.tensor([[True, False, False], [False, False, False]]))
 
 
 def test_local_evaluate_module_matches_the_library_function(tmp_path, monkeypatch):
@@ -41,7 +41,7 @@ def test_local_evaluate_module_matches_the_library_function(tmp_path, monkeypatc
     scores = torch.tensor([[0.9, 0.1, 0.0], [0.2, 0.8, 0.1], [0.3, 0.1, 0.5], [0.0, 0.1, 0.7]])
     speech_ids, gallery_ids = torch.tensor([0, 0, 1, 2]), torch.tensor([0, 1, 2])
     result = metric.compute(predictions=scores.tolist(), references=speech_ids.tolist(), gallery_image_ids=gallery_ids.tolist())
-    expected = recall_metrics(scores, scores.t(), speech_ids, gallery_ids)
+    expected = recall_metrics(ranking(scores), ranking(scores.t()), speech_ids, gallery_ids)
     assert result.keys() == expected.keys()
     assert all(result[name] == pytest.approx(expected[name]) for name in expected)
     assert result["s2i_R@1"] == pytest.approx(50.0)

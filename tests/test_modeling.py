@@ -63,13 +63,27 @@ def test_rerank_puts_sim_scored_candidates_first_with_their_match_probabilities(
         top = scores.topk(2, dim=1).indices
         assert torch.equal(ranked.reranked.sum(dim=1), torch.full((4,), 2))
         assert ranked.reranked.gather(1, top).all()
-        assert ranked.match_scores[~ranked.reranked].isnan().all()
-        assert (ranked.scores[ranked.reranked].min() > ranked.scores[~ranked.reranked].max())
+        # No made-up scores: pairs the SIM head did not score have none; `order` places them.
+        assert ranked.match_scores[~ranked.reranked].isnan().all() and ranked.fine_scores[~ranked.reranked].isnan().all()
+        assert torch.equal(ranked.coarse_scores, scores)
+        first, rest = ranked.order[:, :2], ranked.order[:, 2:]
+        assert ranked.reranked.gather(1, first).all() and not ranked.reranked.gather(1, rest).any()
+        assert (ranked.fine_scores.gather(1, first).diff(dim=1) <= 0).all()  # re-scored ones by fine score
+        assert (scores.gather(1, rest).diff(dim=1) <= 0).all()  # then the others by cosine
         margins = torch.logit(ranked.match_scores.gather(1, top))
         temperature = model.get_temperature()
-        assert torch.allclose(ranked.scores.gather(1, top), margins + scores.gather(1, top) / temperature, atol=1e-3)
+        assert torch.allclose(ranked.fine_scores.gather(1, top), margins + scores.gather(1, top) / temperature, atol=1e-3)
     assert torch.allclose(by_speech.match_scores[rows, cols], logits.softmax(dim=-1)[:, 1], atol=1e-5)
-    assert not model.rerank(coarse, *args[:3], 0).reranked.any()
+    coarse_only = model.rerank(coarse, *args[:3], 0)
+    assert not coarse_only.reranked.any() and torch.equal(coarse_only.order, coarse.argsort(dim=1, descending=True))
+    result = by_speech.results(0, 3)  # what the pipeline and the index return, by value
+    column = int(by_speech.order[0, 0])
+    assert result[0] == {"index": column, "coarse_score": pytest.approx(float(coarse[0, column])),
+                         "score": pytest.approx(float(by_speech.fine_scores[0, column])),
+                         "match_score": pytest.approx(float(by_speech.match_scores[0, column]))}
+    third = int(by_speech.order[0, 2])
+    assert result[2] == {"index": third, "coarse_score": pytest.approx(float(coarse[0, third])),
+                         "score": pytest.approx(float(coarse[0, third]))}
 
 
 def test_padding_does_not_change_a_clip_embedding_with_layer_norm_hubert(batch, processor):

@@ -1,6 +1,7 @@
 """The speech-image-retrieval pipeline, in process and from a saved folder in a fresh process."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -45,7 +46,14 @@ def test_pipeline_ranks_images_for_a_spoken_query_both_ways(model, processor, ga
     assert all("match_score" not in r for r in coarse) and coarse[0]["image"] in images
     fine = pipe(audios[0], candidate_images=images, top_k=3, rerank_k=2)
     assert len(fine) == 3 and all("match_score" in r for r in fine[:2]) and "match_score" not in fine[2]
-    assert fine[0]["score"] >= fine[1]["score"] >= fine[2]["score"]
+    # The documented scores, by value: fine = SIM logit margin + cosine / temperature above the re-rank depth,
+    # the cosine below it; the list is in fine order first.
+    temperature = float(model.get_temperature().detach())
+    for result in fine[:2]:
+        margin = math.log(result["match_score"] / (1 - result["match_score"]))
+        assert result["score"] == pytest.approx(margin + result["coarse_score"] / temperature, abs=1e-3)
+    assert fine[0]["score"] >= fine[1]["score"] and fine[2]["score"] == fine[2]["coarse_score"]
+    assert all(r["score"] == r["coarse_score"] for r in coarse) and abs(coarse[0]["score"]) <= 1
     assert {r["index"] for r in fine[:2]} == {r["index"] for r in coarse[:2]}  # re-rank reorders within the top-k
     reverse = pipe(images[1], candidate_audios=[{"array": soundfile.read(a)[0], "sampling_rate": 16000} for a in audios], top_k=2)
     assert len(reverse) == 2 and "audio" not in reverse[0]  # arrays have no path to report

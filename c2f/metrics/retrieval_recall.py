@@ -13,7 +13,7 @@ import datasets
 import evaluate
 import torch
 
-from c2f.evaluation import recall_metrics
+from c2f.evaluation import ranking, recall_metrics
 
 
 class RetrievalRecall(evaluate.Metric):
@@ -32,4 +32,4 @@ class RetrievalRecall(evaluate.Metric):
         gallery = torch.tensor(gallery_image_ids)
         if scores.shape[1] != len(gallery):
             raise ValueError(f"each prediction row has {scores.shape[1]} scores but gallery_image_ids has {len(gallery)}")
-        return recall_metrics(scores, scores.t(), torch.tensor(references), gallery, ks=tuple(ks))
+        return recall_metrics(ranking(scores), ranking(scores.t()), torch.tensor(references), gallery, ks=tuple(ks))
