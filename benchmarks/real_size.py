@@ -93,7 +93,8 @@ def measure(spec: dict) -> dict:
 
     device = spec["device"]
     started = time.perf_counter()
-    model = C2FSpeechImageModel.from_backbones(spec["hubert"], spec["blip2"], freeze_speech_backbone=spec["freeze_speech"])
+    model = C2FSpeechImageModel.from_backbones(spec["hubert"], spec["blip2"]).freeze_backbones(
+        image=True, speech=spec["freeze_speech"], speech_feature_encoder=True)
     processor = C2FProcessor.from_backbones(spec["hubert"], spec["blip2"])
     load_seconds = time.perf_counter() - started
     total = sum(parameter.numel() for parameter in model.parameters())

@@ -97,9 +97,9 @@ def loop_steps_per_second(batches, recipe):
     return len(batches) / (time.perf_counter() - start)
 
 
-def cached_samples_per_second(dataset, processor, config, collator, steps, batch, output_dir):
+def cached_samples_per_second(dataset, processor, config, freeze, collator, steps, batch, output_dir):
     torch.manual_seed(0)
-    model = C2FSpeechImageModel(config)
+    model = C2FSpeechImageModel(config).freeze_backbones(**freeze)
     args = C2FTrainingArguments(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch,
                                 queue_size=batch * 4, report_to="none", save_strategy="no", use_cpu=True,
                                 logging_steps=steps, disable_tqdm=True)
@@ -109,15 +109,16 @@ def cached_samples_per_second(dataset, processor, config, collator, steps, batch
     return steps * batch / (time.perf_counter() - start)
 
 
-def cache_comparison(title, config, processor, dataset, build, cache_argument, steps, batch):
-    """Training samples/s without and with one frozen-backbone cache (same model, steps and batches)."""
+def cache_comparison(title, config, freeze, processor, dataset, build, cache_argument, steps, batch):
+    """Training samples/s without and with one frozen-backbone cache (same model, steps and batches); `freeze` names
+    the backbones to freeze (`freeze_backbones` arguments)."""
     with tempfile.TemporaryDirectory() as folder:
         torch.manual_seed(0)
         start = time.perf_counter()
-        cache = build(C2FSpeechImageModel(config), folder)
+        cache = build(C2FSpeechImageModel(config).freeze_backbones(**freeze), folder)
         build_seconds = time.perf_counter() - start
-        without = cached_samples_per_second(dataset, processor, config, SpeechImageCollator(processor), steps, batch, folder)
-        with_cache = cached_samples_per_second(dataset, processor, config,
+        without = cached_samples_per_second(dataset, processor, config, freeze, SpeechImageCollator(processor), steps, batch, folder)
+        with_cache = cached_samples_per_second(dataset, processor, config, freeze,
                                                SpeechImageCollator(processor, **{cache_argument: cache}), steps, batch, folder)
     print(f"\n| {title}, batch {batch}, {steps} steps | samples/s |")
     print("|---|---|")
@@ -152,14 +153,14 @@ def main():
     cache_batch = 16
     dataset = train.select(range(args.cache_steps * cache_batch))
     vit_processor = tiny_processor(image_size=VIT_S["image_size"])
-    cache_comparison("frozen ViT-S tower", tiny_config(vision_config=VIT_S, vision_stem="patch", freeze_image_backbone=True),
+    cache_comparison("frozen ViT-S tower", tiny_config(vision_config=VIT_S, vision_stem="patch"), dict(image=True),
                      vit_processor, dataset,
                      lambda model, folder: ImageFeatureCache.build(model.vision_model, vit_processor, dataset, folder),
                      "image_features", args.cache_steps, cache_batch)
     # HuBERT's own waveform front end (seven conv layers, 512 channels) with 4 of its 12 transformer layers.
     hubert = hubert_config("base", num_hidden_layers=4).to_dict()
     cache_comparison("frozen HuBERT (base front end, 4 layers)",
-                     tiny_config(speech_config=hubert, speech_front_end="waveform", freeze_speech_backbone=True),
+                     tiny_config(speech_config=hubert, speech_front_end="waveform"), dict(speech=True),
                      processor, dataset,
                      lambda model, folder: SpeechFeatureCache.build(model, processor, dataset, folder),
                      "speech_features", args.cache_steps, cache_batch)

@@ -66,12 +66,13 @@ class C2FConfig(PreTrainedConfig):
             Upper clamp of the temperature.
         k_test (`int`, *optional*, defaults to 128):
             How many coarse (SIC) candidates are re-ranked by the SIM head at retrieval time.
-        freeze_image_backbone (`bool`, *optional*, defaults to `True`):
-            Keep the BLIP-2 vision tower frozen (and in eval mode), as BLIP-2 does. Its features can then be cached.
+        freeze_image_backbone (`bool`, *optional*, defaults to `False`):
+            A record of how the model was trained: True when the training code froze the BLIP-2 vision tower
+            (`C2FSpeechImageModel.freeze_backbones`). Loading a model does not act on it.
         freeze_speech_backbone (`bool`, *optional*, defaults to `False`):
-            Freeze all of HuBERT.
-        freeze_speech_feature_encoder (`bool`, *optional*, defaults to `True`):
-            Freeze HuBERT's convolutional feature encoder only, the usual choice when fine-tuning HuBERT.
+            Likewise, for all of HuBERT.
+        freeze_speech_feature_encoder (`bool`, *optional*, defaults to `False`):
+            Likewise, for HuBERT's convolutional feature encoder alone.
         hidden_dropout (`float`, *optional*, defaults to 0.1):
             Dropout in the speech and multimodal encoders.
         layer_norm_eps (`float`, *optional*, defaults to 1e-6):
@@ -105,9 +106,9 @@ class C2FConfig(PreTrainedConfig):
     temperature_min: float = 0.001
     temperature_max: float = 0.5
     k_test: int = 128
-    freeze_image_backbone: bool = True
+    freeze_image_backbone: bool = False
     freeze_speech_backbone: bool = False
-    freeze_speech_feature_encoder: bool = True
+    freeze_speech_feature_encoder: bool = False
     hidden_dropout: float = 0.1
     layer_norm_eps: float = 1e-6
     hidden_act: str = "gelu"

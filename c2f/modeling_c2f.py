@@ -533,35 +533,36 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         self.image_projection = nn.Linear(config.vision_config.hidden_size, config.embed_dim)
         self.match_head = nn.Linear(config.speech_encoder_hidden_size, 2)
         self.temperature = nn.Parameter(torch.tensor(config.temperature_init))
+        self.frozen_modules: set[str] = set()  # backbones `freeze_backbones` froze: kept in eval mode
         self.post_init()
-        self._freeze_backbones()
 
     # ---------------------------------------------------------------- construction
 
-    def _freeze_backbones(self):
-        if self.config.freeze_image_backbone:
+    def freeze_backbones(self, image: bool = False, speech: bool = False, speech_feature_encoder: bool = False):
+        """Stop training the named backbones, as the training code decides (like open_clip's `lock_image_tower`):
+        their parameters get no gradients, and they stay in eval mode through `train()`, so that dropout or
+        SpecAugment cannot move the features a feature cache stores. `speech_feature_encoder` freezes HuBERT's
+        convolutional front end alone (the usual choice when fine-tuning HuBERT). The config records what was frozen,
+        as a note of how the model was trained; `from_pretrained` does not act on it. Returns the model."""
+        if image:
             self.vision_model.requires_grad_(False)
-            self.vision_model.eval()
-        if self.config.freeze_speech_backbone:
+            self.frozen_modules.add("vision_model")
+        if speech:
             self.speech_model.requires_grad_(False)
-        elif self.config.freeze_speech_feature_encoder:
+            self.frozen_modules.add("speech_model")
+        elif speech_feature_encoder:
             self.speech_model.feature_extractor.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """Loading re-creates the parameters (requires_grad=True), so the configured freezing is applied again."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model._freeze_backbones()
-        return loaded
+        speech_frozen = "speech_model" in self.frozen_modules
+        self.config.freeze_image_backbone = "vision_model" in self.frozen_modules
+        self.config.freeze_speech_backbone = speech_frozen
+        self.config.freeze_speech_feature_encoder = not speech_frozen and not any(
+            parameter.requires_grad for parameter in self.speech_model.feature_extractor.parameters())
+        return self.train(self.training)
 
     def train(self, mode: bool = True):
-        """A frozen image backbone stays in eval mode, so its cached features equal what it would compute."""
         super().train(mode)
-        if self.config.freeze_image_backbone:
-            self.vision_model.eval()
-        if self.config.freeze_speech_backbone:  # no SpecAugment or dropout in a frozen HuBERT: its cache stays exact
-            self.speech_model.eval()
+        for name in self.frozen_modules:
+            getattr(self, name).eval()
         return self
 
     @classmethod
@@ -571,7 +572,8 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         """Build a model around pretrained HuBERT weights and the vision tower of a BLIP-2 checkpoint.
 
         `image_model_name_or_path` may be a full `Blip2Model` / `Blip2ForConditionalGeneration` checkpoint or a
-        standalone `Blip2VisionModel`; only the vision tower is kept. The new layers are randomly initialised.
+        standalone `Blip2VisionModel`; only the vision tower is kept. The new layers are randomly initialised, and
+        nothing is frozen: that is the training code's call (`freeze_backbones`).
         Raises if any backbone weight is missing from the checkpoint, instead of silently training from random.
         """
         speech_model, speech_info = HubertModel.from_pretrained(speech_model_name_or_path, output_loading_info=True)
@@ -594,7 +596,6 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         model = cls(config)
         model.speech_model.load_state_dict(speech_model.state_dict())
         model.vision_model.load_state_dict(vision_model.state_dict())
-        model._freeze_backbones()
         return model
 
     # ---------------------------------------------------------------- encoders

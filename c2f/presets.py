@@ -61,7 +61,6 @@ def tiny_config(**overrides) -> C2FConfig:
         embed_dim=64,
         k_test=16,
         hidden_dropout=0.0,
-        freeze_speech_feature_encoder=False,
         # The c2f layers (speech encoder, projections, SIM) start wider than BERT's 0.02 too: SIC on 256 demo pairs
         # reached 64% train R@1 in 160 steps, against 17% at 0.02.
         initializer_range=0.1,

@@ -36,8 +36,9 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={"help": "A trained c2f folder or Hub id to continue from."})
     speech_model: str | None = field(default=None, metadata={"help": "HuBERT checkpoint, e.g. facebook/hubert-base-ls960."})
     image_model: str | None = field(default=None, metadata={"help": "BLIP-2 checkpoint, e.g. Salesforce/blip2-opt-2.7b."})
-    freeze_image_backbone: bool | None = field(default=None, metadata={"help": "Default: frozen for pretrained BLIP-2, trained for the tiny random model."})
-    freeze_speech_backbone: bool = field(default=False)
+    freeze_image_backbone: bool | None = field(default=None, metadata={"help": "Freeze the vision tower (default: frozen for pretrained BLIP-2, as BLIP-2 does; trained for the tiny random model; as recorded in the config when continuing from a c2f model)."})
+    freeze_speech_backbone: bool | None = field(default=None, metadata={"help": "Freeze all of HuBERT (default: no; as recorded when continuing from a c2f model)."})
+    freeze_speech_feature_encoder: bool | None = field(default=None, metadata={"help": "Freeze HuBERT's convolutional feature encoder only (default: frozen for pretrained HuBERT, trained for the tiny model's log-mel front end; as recorded when continuing)."})
     k_test: int | None = field(default=None, metadata={"help": "SIM re-rank depth stored in the config."})
     speech_frequency_warp: float | None = field(default=None, metadata={"help": "Training-time frequency warp of the log-mel front end, +-this share (tiny model default: 0.1)."})
 
@@ -144,24 +145,29 @@ def use_all_cores_for_a_single_cpu_process():
 
 
 def build_model_and_processor(model_args: ModelArguments):
+    """The model and processor the arguments name, with the backbones they say to freeze frozen here, explicitly:
+    a loaded model is what was saved, and the defaults below are the training program's choice."""
     overrides = {name: getattr(model_args, name) for name in ("k_test", "speech_frequency_warp")
                  if getattr(model_args, name) is not None}
     if model_args.model_name_or_path:
         model = C2FSpeechImageModel.from_pretrained(model_args.model_name_or_path, **overrides)
         processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=True)
-        return model, processor
-    if model_args.speech_model or model_args.image_model:
+        recorded = model.config  # continuing: freeze what the last run froze, unless told otherwise
+        defaults = (recorded.freeze_image_backbone, recorded.freeze_speech_backbone, recorded.freeze_speech_feature_encoder)
+    elif model_args.speech_model or model_args.image_model:
         if not (model_args.speech_model and model_args.image_model):
             raise ValueError("--speech_model and --image_model go together")
-        freeze = True if model_args.freeze_image_backbone is None else model_args.freeze_image_backbone
-        model = C2FSpeechImageModel.from_backbones(
-            model_args.speech_model, model_args.image_model, freeze_image_backbone=freeze,
-            freeze_speech_backbone=model_args.freeze_speech_backbone, **overrides,
-        )
-        return model, C2FProcessor.from_backbones(model_args.speech_model, model_args.image_model)
-    freeze = False if model_args.freeze_image_backbone is None else model_args.freeze_image_backbone
-    config = tiny_config(freeze_image_backbone=freeze, freeze_speech_backbone=model_args.freeze_speech_backbone, **overrides)
-    return C2FSpeechImageModel(config), tiny_processor(config.vision_config.image_size)
+        model = C2FSpeechImageModel.from_backbones(model_args.speech_model, model_args.image_model, **overrides)
+        processor = C2FProcessor.from_backbones(model_args.speech_model, model_args.image_model)
+        defaults = (True, False, True)  # BLIP-2's frozen tower; HuBERT fine-tuned above its conv front end
+    else:
+        config = tiny_config(**overrides)
+        model, processor = C2FSpeechImageModel(config), tiny_processor(config.vision_config.image_size)
+        defaults = (False, False, False)  # random towers: everything trains
+    chosen = [default if wanted is None else wanted for wanted, default in zip(
+        (model_args.freeze_image_backbone, model_args.freeze_speech_backbone, model_args.freeze_speech_feature_encoder), defaults)]
+    model.freeze_backbones(image=chosen[0], speech=chosen[1], speech_feature_encoder=chosen[2])
+    return model, processor
 
 
 def recall_cells(metrics: dict[str, float], prefix: str = "") -> list[str]:
@@ -219,11 +225,11 @@ def main(argv=None):
     model, processor = build_model_and_processor(model_args)
     image_features = None
     cache_dir = data_args.image_cache_dir or f"{training_args.output_dir}/image_features"
-    if train is not None and model.config.freeze_image_backbone and data_args.image_feature_cache:
+    if train is not None and "vision_model" in model.frozen_modules and data_args.image_feature_cache:
         with training_args.main_process_first(desc="image feature cache"):
             image_features = ImageFeatureCache.build(model.vision_model, processor, train, cache_dir, tag=f"{data_args.dataset}-{data_args.train_split}")
     speech_features = None
-    if train is not None and model.config.freeze_speech_backbone and data_args.speech_feature_cache:
+    if train is not None and "speech_model" in model.frozen_modules and data_args.speech_feature_cache:
         if data_args.augment_speech:
             logger.warning("HuBERT feature cache off: voice augmentation changes the clips every epoch "
                            "(--augment_speech false caches the frozen HuBERT's frames)")

@@ -29,8 +29,7 @@ def main(out: str, per_device_batch: int):
     speech = dict(tiny_config().speech_config.to_dict(), feat_extract_norm="layer", do_stable_layer_norm=True,
                   hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, feat_proj_dropout=0.0,
                   final_dropout=0.0, layerdrop=0.0)
-    model = C2FSpeechImageModel(tiny_config(speech_config=speech, hidden_dropout=0.0, freeze_image_backbone=False,
-                                            speech_frequency_warp=0.0))
+    model = C2FSpeechImageModel(tiny_config(speech_config=speech, hidden_dropout=0.0, speech_frequency_warp=0.0))
     processor = tiny_processor()
     args = C2FTrainingArguments(
         output_dir=out, max_steps=3, per_device_train_batch_size=per_device_batch, learning_rate=1e-3, queue_size=16,

@@ -62,7 +62,7 @@ def test_frozen_hubert_cache_gives_the_embeddings_of_the_clips_alone(tmp_path, p
     from c2f.training.feature_cache import SpeechFeatureCache
 
     torch.manual_seed(0)
-    model = C2FSpeechImageModel(tiny_config(freeze_speech_backbone=True))
+    model = C2FSpeechImageModel(tiny_config()).freeze_backbones(speech=True)
     model.train()
     assert not model.speech_model.training  # frozen: no dropout or masking, so the cache equals a live pass
     rows = load_demo("validation").select(range(6))

@@ -118,19 +118,28 @@ def test_loss_decreases_on_a_fixed_batch(model, batch):
     assert sum(losses[-3:]) / 3 < 0.8 * sum(losses[:3]) / 3
 
 
-def test_gradients_do_not_reach_frozen_backbones(batch):
-    model = C2FSpeechImageModel(tiny_config(freeze_speech_backbone=True))
+def test_freezing_is_an_explicit_call_and_loading_returns_what_was_saved(batch, tmp_path):
+    model = C2FSpeechImageModel(tiny_config())
+    assert not model.frozen_modules and all(p.requires_grad for p in model.parameters())  # building freezes nothing
+    model.freeze_backbones(image=True, speech=True)
     out = model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True)
     (out.loss_sic + out.loss_sim).backward()
     assert all(p.grad is None for p in model.vision_model.parameters())
     assert all(p.grad is None for p in model.speech_model.parameters())
     assert model.speech_projection.weight.grad is not None and model.match_head.weight.grad is not None
     model.train()
-    assert not model.vision_model.training and model.speech_encoder.training
+    assert not model.vision_model.training and not model.speech_model.training and model.speech_encoder.training
+    assert model.config.freeze_image_backbone and model.config.freeze_speech_backbone  # a record of how it trained
+    model.save_pretrained(tmp_path)
+    loaded = C2FSpeechImageModel.from_pretrained(tmp_path)
+    assert loaded.config.freeze_image_backbone  # the record survives; loading does not act on it
+    assert not loaded.frozen_modules and all(p.requires_grad for p in loaded.parameters())
+    assert loaded.train().vision_model.training
 
 
 def test_speech_feature_encoder_freezing_only_freezes_the_cnn(batch):
-    model = C2FSpeechImageModel(tiny_config(freeze_speech_feature_encoder=True))
+    model = C2FSpeechImageModel(tiny_config()).freeze_backbones(speech_feature_encoder=True)
+    assert model.config.freeze_speech_feature_encoder and not model.frozen_modules  # trains in train mode
     model(**_inputs(batch), image_ids=batch["image_ids"], return_loss=True).loss_sic.backward()
     assert all(p.grad is None for p in model.speech_model.feature_extractor.parameters())
     assert any(p.grad is not None for p in model.speech_model.encoder.parameters())
@@ -150,13 +159,6 @@ def test_downsample_frames_ignores_padding():
     assert pooled.flatten().tolist() == [2.0, 5.0] and pooled_mask.tolist() == [[True, True]]
     pooled, pooled_mask = downsample_frames(frames[:, :3], mask[:, :3], 2)  # odd length is padded, not dropped
     assert pooled.flatten().tolist() == [2.0, 5.0]
-
-
-def test_freezing_survives_save_and_load(tmp_path, model):
-    model.save_pretrained(tmp_path)
-    loaded = C2FSpeechImageModel.from_pretrained(tmp_path)
-    assert not any(p.requires_grad for p in loaded.vision_model.parameters())
-    assert all(p.requires_grad for p in loaded.speech_encoder.parameters())
 
 
 def _saved_weights(folder, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -187,7 +189,7 @@ def test_from_backbones_loads_the_pretrained_weights(tmp_path, config, vision_la
     assert len(vision_weights) == len(model.vision_model.state_dict())
     for name, tensor in vision_weights.items():
         assert torch.equal(model.vision_model.state_dict()[name], tensor), name
-    assert not any(p.requires_grad for p in model.vision_model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # loading freezes nothing: training code decides
 
 
 def test_from_backbones_refuses_a_checkpoint_without_vision_weights(tmp_path, config):

@@ -30,7 +30,7 @@ def test_queue_state_round_trips_and_rejects_another_size():
 
 
 def test_momentum_model_is_an_ema_of_trainable_weights_and_shares_frozen_towers():
-    model = C2FSpeechImageModel(tiny_config())
+    model = C2FSpeechImageModel(tiny_config()).freeze_backbones(image=True)
     momentum = MomentumModel(model, momentum=0.9)
     assert momentum.model.vision_model is model.vision_model  # frozen: shared, not copied
     assert momentum.model.speech_encoder is not model.speech_encoder
@@ -41,7 +41,7 @@ def test_momentum_model_is_an_ema_of_trainable_weights_and_shares_frozen_towers(
     expected = 0.9 * before + 0.1 * model.speech_projection.weight
     assert torch.allclose(momentum.model.speech_projection.weight, expected)
     assert not any(p.requires_grad for p in momentum.model.speech_encoder.parameters())
-    restored = MomentumModel(C2FSpeechImageModel(tiny_config()), momentum=0.9)
+    restored = MomentumModel(C2FSpeechImageModel(tiny_config()).freeze_backbones(image=True), momentum=0.9)
     restored.load_state_dict(momentum.state_dict())
     assert torch.equal(restored.model.speech_projection.weight, momentum.model.speech_projection.weight)
 

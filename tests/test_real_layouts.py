@@ -48,6 +48,7 @@ def test_one_training_step_on_real_layouts_with_the_feature_cache(backbones, tmp
     model = C2FSpeechImageModel.from_backbones(str(hubert), str(blip2), speech_encoder_hidden_size=32,
                                                speech_encoder_num_heads=2, speech_encoder_intermediate_size=64,
                                                multimodal_num_heads=2, multimodal_intermediate_size=64, embed_dim=16)
+    model.freeze_backbones(image=True, speech_feature_encoder=True)
     assert model.speech_model.config.feat_extract_norm == ("layer" if size == "large" else "group")
     processor = C2FProcessor.from_backbones(str(hubert), str(blip2))
     rows = load_demo("train").select(range(8))
@@ -65,6 +66,23 @@ def test_one_training_step_on_real_layouts_with_the_feature_cache(backbones, tmp
     assert all(torch.equal(tensor, vision_before[name]) for name, tensor in model.vision_model.state_dict().items())
     changed = [name for name, tensor in model.speech_model.state_dict().items() if not torch.equal(tensor, speech_before[name])]
     assert changed, "HuBERT did not train"
+
+
+def test_the_training_program_freezes_what_its_arguments_say(backbones, tmp_path):
+    from c2f import save_for_pipeline
+    from c2f.train import ModelArguments, build_model_and_processor
+
+    _, hubert, blip2 = backbones
+    model, processor = build_model_and_processor(ModelArguments(speech_model=str(hubert), image_model=str(blip2), k_test=4))
+    assert model.frozen_modules == {"vision_model"}  # BLIP-2's tower, as BLIP-2 trains; HuBERT above its conv front end
+    assert not any(p.requires_grad for p in model.speech_model.feature_extractor.parameters())
+    assert all(p.requires_grad for p in model.speech_model.encoder.parameters())
+    save_for_pipeline(model, processor, tmp_path / "first")
+    again, _ = build_model_and_processor(ModelArguments(model_name_or_path=str(tmp_path / "first")))
+    assert again.frozen_modules == {"vision_model"}  # continuing: what the config records, frozen by the program
+    unfrozen, _ = build_model_and_processor(ModelArguments(model_name_or_path=str(tmp_path / "first"),
+                                                           freeze_image_backbone=False))
+    assert not unfrozen.frozen_modules and not unfrozen.config.freeze_image_backbone
 
 
 def _accelerator(distributed_type: str, zero_stage: int | None = None):

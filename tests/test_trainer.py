@@ -17,7 +17,7 @@ from c2f.training.trainer import STATE_FILE, last_complete_checkpoint
 
 def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, **overrides):
     torch.manual_seed(0)
-    model = C2FSpeechImageModel(tiny_config(freeze_image_backbone=False, hidden_dropout=0.0))
+    model = C2FSpeechImageModel(tiny_config(hidden_dropout=0.0))
     processor = tiny_processor()
     settings = dict(per_device_train_batch_size=4, queue_size=8)
     settings.update(overrides)
