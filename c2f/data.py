@@ -212,24 +212,36 @@ def _file_of(value, kind: str) -> tuple[str | None, str | None]:
     return value, None
 
 
-def _check_audio(value) -> str | None:
+def _check_audio(value, min_samples: int = 1) -> str | None:
+    """A problem with one audio file, or None. Lengths come from the header; the samples are decoded only where the
+    format can hold NaN or infinity (float PCM), which would crash training steps later."""
     path, problem = _file_of(value, "audio")
     if path is None:
         return problem
     try:
         info = soundfile.info(path)
+        samples = int(info.frames * 16000 / info.samplerate) if info.samplerate else 0
+        if info.frames == 0:
+            return f"audio {path}: empty"
+        if samples < min_samples:
+            return f"audio {path}: {samples} samples at 16 kHz, shorter than the model's minimum of {min_samples}"
+        if info.subtype in ("FLOAT", "DOUBLE") and not np.isfinite(soundfile.read(path, dtype="float32")[0]).all():
+            return f"audio {path}: holds NaN or infinite samples"
     except Exception as error:  # soundfile raises several types
         return f"audio {path}: unreadable ({error})"
-    return f"audio {path}: empty" if info.frames == 0 else None
+    return None
 
 
 def _check_image(value) -> str | None:
+    """A problem with one image file, or None. The image is decoded (JPEGs at 1/8 scale, which still reads every
+    byte): `verify` alone passes truncated files."""
     path, problem = _file_of(value, "image")
     if path is None:
         return problem
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.draft("RGB", (image.width // 8 or 1, image.height // 8 or 1))
+            image.load()
     except Exception as error:  # PIL raises several types
         return f"image {path}: unreadable ({error})"
     return None
@@ -256,15 +268,16 @@ def with_audio_lengths(dataset: Dataset, column: str = "length") -> Dataset:
     return dataset.add_column(column, [audio_frames(audio) for audio in dataset["audio"]])
 
 
-def validate_records(dataset: Dataset, name: str, show: int = 5) -> None:
-    """Check every audio and image file once; raise one error listing the first offenders and their count."""
+def validate_records(dataset: Dataset, name: str, show: int = 5, min_audio_samples: int = 1) -> None:
+    """Check every audio and image file once (decoding what must be decoded; clips of fewer than `min_audio_samples`
+    at 16 kHz count as bad); raise one error listing the first offenders and their count."""
     if len(dataset) == 0:
         raise ValueError(f"{name}: the split is empty")
     problems = []
     seen_images = set()
     pairs = zip(dataset["audio"], dataset["image"])
     for audio, image in tqdm(pairs, total=len(dataset), desc=f"checking the files of {name}", leave=False):
-        problem = _check_audio(audio)
+        problem = _check_audio(audio, min_audio_samples)
         if problem:
             problems.append(problem)
         key = image if isinstance(image, str) else None

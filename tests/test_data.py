@@ -164,3 +164,29 @@ def test_audio_lengths_for_length_grouped_batches(tmp_path):
     (tmp_path / "c.wav").write_bytes(b"not audio")
     with pytest.raises(ValueError, match=r"audio .*c\.wav: unreadable"):
         with_audio_lengths(Dataset.from_dict({"audio": [str(tmp_path / "c.wav")]}))
+
+
+def test_validation_decodes_what_a_header_cannot_vouch_for(tmp_path):
+    """NaN samples in float audio, a truncated JPEG and a clip shorter than the model's receptive field all pass a
+    header check; training would crash on them (a NaN clip did, at step 5) or read them through their padding."""
+    from c2f.presets import tiny_config
+
+    _wav(tmp_path / "ok.wav"); _jpg(tmp_path / "ok.png")
+    samples = np.random.default_rng(0).standard_normal(16000).astype(np.float32) * 0.1
+    samples[100] = np.nan
+    soundfile.write(tmp_path / "nan.wav", samples, 16000, subtype="FLOAT")
+    soundfile.write(tmp_path / "short.wav", samples[:200] * 0, 16000)
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "whole.jpg", quality=90)
+    data = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    rows = [dict(audio="ok.wav", image="ok.png", image_id=0), dict(audio="nan.wav", image="ok.png", image_id=0),
+            dict(audio="short.wav", image="ok.png", image_id=0), dict(audio="ok.wav", image="cut.jpg", image_id=1)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    minimum = tiny_config().min_audio_samples
+    with pytest.raises(ValueError, match=r"3 bad file\(s\)") as error:
+        validate_records(load_manifest(tmp_path / "m.jsonl"), "mine", min_audio_samples=minimum)
+    message = str(error.value)
+    assert "nan.wav: holds NaN or infinite samples" in message
+    assert f"short.wav: 200 samples at 16 kHz, shorter than the model's minimum of {minimum}" in message
+    assert "cut.jpg: unreadable" in message
+    validate_records(load_manifest(tmp_path / "m.jsonl").select([0]), "mine", min_audio_samples=minimum)  # the good row passes

@@ -158,6 +158,6 @@ def test_the_installed_package_trains_without_the_checkout(tmp_path):
     (script,) = [entry for entry in entry_points(group="console_scripts") if entry.name == "c2f-train"]
     assert script.load() is c2f.train.entry_point
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--momentum_start_epochs" in result.stdout and "demo default 16" in result.stdout
+    assert "--momentum_start_epochs" in result.stdout and "demo default 15 of 22" in result.stdout
 
     assert Path(c2f.train.__file__).with_name("model_card.md").is_file()
