@@ -57,6 +57,33 @@ def test_a_crash_at_any_step_of_a_save_leaves_an_index_that_loads(tmp_path, buil
     assert loaded.records == expected.records and torch.equal(loaded.embeddings, expected.embeddings)
 
 
+KILL_DURING_SAVE = """
+import os, pathlib, shutil, signal, sys
+import c2f.retrieval
+from c2f.retrieval import SpeechImageIndex
+
+folder, step = pathlib.Path(sys.argv[1]), sys.argv[2]
+index = SpeechImageIndex.load(folder)
+index.remove([index.records[0]["id"]])
+kill = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)  # no finally, no atexit: a real kill
+target = {"save_file": (c2f.retrieval, "save_file"), "copymode": (shutil, "copymode"),
+          "replace": (c2f.retrieval.os, "replace"), "unlink": (pathlib.Path, "unlink")}[step]
+setattr(*target, kill)
+index.save(folder)
+"""
+
+
+@pytest.mark.parametrize("step", ["save_file", "copymode", "replace", "unlink"])
+def test_a_process_killed_at_any_step_of_a_save_leaves_an_index_that_loads(tmp_path, built, step):
+    before = SpeechImageIndex.load(tmp_path / "index")
+    killed = subprocess.run([sys.executable, "-c", KILL_DURING_SAVE, str(tmp_path / "index"), step], capture_output=True)
+    assert killed.returncode == -9, killed.stderr.decode()[-2000:]
+    loaded = SpeechImageIndex.load(tmp_path / "index")
+    # Killed before the commit point: the old index; at the clean-up after it: the new one (the first item removed).
+    expected = before.records[1:] if step == "unlink" else before.records
+    assert loaded.records == expected and len(loaded.embeddings) == len(expected)
+
+
 def test_concurrent_writers_lose_nothing(tmp_path, model, processor):
     model.eval()
     save_for_pipeline(model, processor, tmp_path / "model")
