@@ -13,10 +13,19 @@ The result is exact, not approximate: the scan ranks by `q~ . (s * codes)`, with
 gap to the exact `q . x` is at most `|q| |x - s codes| + |q - q~| |s codes|` (both row norms are stored). After the short
 list is re-scored, every row that the bound lets reach the k-th exact score is re-scored as well, so the top-k is that
 of a brute-force float32 search over the stored embeddings.
+
+Which first pass is fastest depends on the machine and the batch: besides the int8 scan there is a float32 GEMM of
+the (unrounded) queries against the codes converted a chunk at a time, which BLAS runs well at large batches on some
+CPUs. `best_kernel` measures the two once per machine and batch size and keeps the answer; the bound holds for both.
 """
 
+import json
+import os
+import platform
 import threading
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -36,6 +45,12 @@ TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.f
 _ROWS_PER_BLOCK = 64
 # numba's default threading layer must not be entered from two Python threads at once.
 _KERNEL_LOCK = threading.Lock()
+# Rows the float32 kernel converts from int8 at once (32 MB of float32 at 256-d).
+GEMM_ROWS = 32_768
+KERNELS = ("int8", "float32")
+# Where the measured kernel choice is kept, beside numba's cache of the int8 kernel.
+KERNEL_CHOICES = Path(__file__).with_name("__pycache__") / "c2f_search_kernels.json"
+_kernel_choices: dict[str, str] | None = None
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
@@ -142,29 +157,48 @@ class QuantizedEmbeddings:
 
     # ------------------------------------------------------------------ search
 
-    def _approximate_chunks(self, query_codes: torch.Tensor, query_scales: torch.Tensor, chunk_scores: int):
-        """Yields `(first_row, scores [Q, rows])` of the int8 scan, chunk by chunk; `scores` is overwritten by the next
-        chunk (one buffer for all chunks, rather than a fresh 64 MB one that page-faults in every chunk)."""
+    def _approximate_chunks(self, queries: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor,
+                            chunk_scores: int, kernel: str = "int8"):
+        """Yields `(first_row, scores [Q, rows])` of the approximate scan over the first plane, chunk by chunk; `scores`
+        is overwritten by the next chunk (one buffer for all chunks, rather than a fresh 64 MB one that page-faults in
+        every chunk).
+
+        `int8`: the int8 query against the int8 codes (numba); `float32`: the float query against the codes converted
+        a chunk at a time, through BLAS (the faster one for large batches on some machines). Both are within the
+        stored bound of the exact score, since the float kernel leaves out the query's rounding term."""
         rows_per_chunk = min(len(self), max(1, chunk_scores // len(query_codes)))
+        if kernel == "float32":
+            rows_per_chunk = min(rows_per_chunk, GEMM_ROWS)
         buffer = torch.empty(len(query_codes), rows_per_chunk)
         for start in range(0, len(self), rows_per_chunk):
             end = min(start + rows_per_chunk, len(self))
             out = buffer if end - start == rows_per_chunk else torch.empty(len(query_codes), end - start)
-            with _KERNEL_LOCK:
-                _int8_scores(self.codes[start:end].numpy(), self.scales[start:end].numpy(), query_codes.numpy(),
-                             query_scales.numpy(), out.numpy())
+            if kernel == "float32":
+                torch.mm(queries, self.codes[start:end].float().t(), out=out)
+                out.mul_(self.scales[start:end])
+            else:
+                with _KERNEL_LOCK:
+                    _int8_scores(self.codes[start:end].numpy(), self.scales[start:end].numpy(), query_codes.numpy(),
+                                 query_scales.numpy(), out.numpy())
             yield start, out
 
     def _exact(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """`queries [Q, D]` against their own `rows [Q, R]` -> `[Q, R]`."""
         return torch.einsum("qd,qrd->qr", queries, self.dequantize(rows))
 
-    def top_k(self, queries: torch.Tensor, top_k: int, chunk_scores: int = CHUNK_SCORES) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact top-k inner products of `queries [Q, D]`: `(scores [Q, k] float32, rows [Q, k])`, best first."""
+    def top_k(self, queries: torch.Tensor, top_k: int, chunk_scores: int = CHUNK_SCORES,
+              kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-k inner products of `queries [Q, D]`: `(scores [Q, k] float32, rows [Q, k])`, best first.
+
+        `kernel` (`int8` or `float32`) picks the approximate scan; by default the one measured fastest on this machine
+        for this many queries (`best_kernel`). Either gives the same result."""
         queries = queries.detach().cpu().float().reshape(-1, self.dim)
         top_k = min(top_k, len(self))
         if top_k == 0 or len(queries) == 0:
             return torch.empty(len(queries), top_k), torch.empty(len(queries), top_k, dtype=torch.long)
+        kernel = kernel or best_kernel(len(queries), self.dim)
+        if kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
         shortlist = min(len(self), max(SHORTLIST_MIN, SHORTLIST_PER_RESULT * top_k))
         query_codes, query_scales = _int8_rows(queries)
         rounding = (queries - query_scales[:, None] * query_codes.float()).norm(dim=1)
@@ -172,7 +206,7 @@ class QuantizedEmbeddings:
         slack = slack * (1 + 1e-4) + 1e-6  # float32 rounding in the scan and the re-scoring
 
         kept_scores, kept_rows = None, None
-        for start, scores in self._approximate_chunks(query_codes, query_scales, chunk_scores):
+        for start, scores in self._approximate_chunks(queries, query_codes, query_scales, chunk_scores, kernel):
             scores, rows = scores.topk(min(shortlist, scores.shape[1]), dim=1)
             rows += start
             if kept_scores is not None:
@@ -190,7 +224,8 @@ class QuantizedEmbeddings:
             threshold = best[query, -1] - slack[query]
             vector = queries[query : query + 1]
             found_scores, found_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-            for start, scores in self._approximate_chunks(query_codes[query : query + 1], query_scales[query : query + 1], chunk_scores):
+            for start, scores in self._approximate_chunks(vector, query_codes[query : query + 1], query_scales[query : query + 1],
+                                                          chunk_scores, kernel):
                 candidates = (scores[0] >= threshold).nonzero().flatten() + start
                 for piece in candidates.split(RESCORE_ROWS):
                     found_scores = torch.cat([found_scores, self._exact(vector, piece[None])[0]])
@@ -199,3 +234,55 @@ class QuantizedEmbeddings:
                     found_rows = found_rows[order]
             best[query], best_rows[query] = found_scores, found_rows
         return best, best_rows
+
+
+def _bucket(num_queries: int) -> int:
+    """Batch sizes measured: powers of two up to 64 (a larger batch behaves like 64)."""
+    return min(64, 1 << max(0, (num_queries - 1).bit_length()))
+
+
+def measure_kernels(num_queries: int, dim: int, rows: int = 262_144, repeats: int = 3) -> dict[str, float]:
+    """Milliseconds per approximate scan of `rows` random rows by each kernel, for `num_queries` queries: a sample
+    big enough (64 MB of int8 at 256-d) to leave the caches, as a real gallery does."""
+    generator = torch.Generator().manual_seed(0)
+    sample = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=1))
+    queries = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=generator), dim=1)
+    query_codes, query_scales = _int8_rows(queries)
+    timings = {}
+    for kernel in KERNELS:
+        scan = lambda: [scores.topk(SHORTLIST_MIN, dim=1)
+                        for _, scores in sample._approximate_chunks(queries, query_codes, query_scales, CHUNK_SCORES, kernel)]
+        scan()  # warm-up (and numba's compilation or cache load)
+        samples = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            scan()
+            samples.append(time.perf_counter() - start)
+        timings[kernel] = 1000 * sorted(samples)[len(samples) // 2]
+    return timings
+
+
+def best_kernel(num_queries: int, dim: int) -> str:
+    """The faster approximate scan for this batch size on this machine, measured once (about a second) and then kept
+    in `KERNEL_CHOICES` (keyed by machine, threads and torch version), so later processes only read it. Which one wins
+    depends on the machine: int8 scans read a quarter of the bytes, BLAS GEMMs use the vector units better at large
+    batches."""
+    global _kernel_choices
+    if _kernel_choices is None:
+        try:
+            _kernel_choices = json.loads(KERNEL_CHOICES.read_text())
+        except (OSError, ValueError):
+            _kernel_choices = {}
+    key = (f"{platform.machine()}-{platform.processor() or 'cpu'}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads-"
+           f"torch{torch.__version__}-{dim}d-{_bucket(num_queries)}q")
+    if key not in _kernel_choices:
+        timings = measure_kernels(_bucket(num_queries), dim)
+        _kernel_choices[key] = min(timings, key=timings.get)
+        try:
+            KERNEL_CHOICES.parent.mkdir(exist_ok=True)
+            temporary = KERNEL_CHOICES.with_suffix(f".{os.getpid()}.tmp")
+            temporary.write_text(json.dumps(_kernel_choices, indent=1))
+            os.replace(temporary, KERNEL_CHOICES)
+        except OSError:  # a read-only install: measure again in the next process
+            pass
+    return _kernel_choices[key]

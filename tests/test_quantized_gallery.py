@@ -1,6 +1,8 @@
 """The int8 gallery: storage precision, exact top-k against brute force (including when the int8 scan cannot tell the
 best rows apart), and clear errors for broken files."""
 
+import json
+
 import pytest
 import torch
 
@@ -37,22 +39,24 @@ def test_two_planes_store_unit_rows_finer_than_float16():
     assert torch.allclose(gallery.residual_norms, (gallery.dequantize() - codes_only).norm(dim=1), atol=1e-7)
 
 
-def test_top_k_is_brute_force_in_chunks(monkeypatch):
+@pytest.mark.parametrize("kernel", quantized_gallery.KERNELS)
+def test_top_k_is_brute_force_in_chunks(monkeypatch, kernel):
     generator = torch.Generator().manual_seed(1)
     gallery = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(torch.randn(3000, 32, generator=generator), dim=1))
     queries = torch.nn.functional.normalize(torch.randn(9, 32, generator=generator), dim=1)
     scans = count_scans(monkeypatch)
     for batch in (queries[:1], queries):
-        scores, rows = gallery.top_k(batch, 7, chunk_scores=4000)
+        scores, rows = gallery.top_k(batch, 7, chunk_scores=4000, kernel=kernel)
         exact = brute_force(batch, gallery, 7)
         assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
     assert scans == [1, 9]  # one scan each: the short list was enough
     assert gallery.top_k(queries[:0], 7)[1].shape == (0, 7)
-    scores, rows = gallery.top_k(queries[:2], 5000)
+    scores, rows = gallery.top_k(queries[:2], 5000, kernel=kernel)
     assert rows.shape == (2, 3000) and torch.equal(rows, brute_force(queries[:2], gallery, 3000).indices)
 
 
-def test_rows_the_int8_scan_cannot_separate_are_rescored(monkeypatch):
+@pytest.mark.parametrize("kernel", quantized_gallery.KERNELS)
+def test_rows_the_int8_scan_cannot_separate_are_rescored(monkeypatch, kernel):
     generator = torch.Generator().manual_seed(2)
     center = torch.nn.functional.normalize(torch.randn(1, 48, generator=generator), dim=1)
     # 600 rows within 1e-4 of each other (finer than the int8 step) beside 400 unrelated ones: the scan's order among
@@ -63,10 +67,30 @@ def test_rows_the_int8_scan_cannot_separate_are_rescored(monkeypatch):
     query = center + 0.01 * torch.randn(1, 48, generator=generator)
     scans = count_scans(monkeypatch)
     monkeypatch.setattr(quantized_gallery, "RESCORE_ROWS", 50)  # re-score the doubtful rows in several pieces
-    scores, found = gallery.top_k(query, 5, chunk_scores=256)
+    scores, found = gallery.top_k(query, 5, chunk_scores=256, kernel=kernel)
     exact = brute_force(query, gallery, 5)
     assert torch.equal(found, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
     assert scans == [1, 1]  # the bound asked for the second scan
+
+
+def test_the_kernel_is_measured_once_per_machine_and_batch_size_then_read_back(tmp_path, monkeypatch):
+    measured = []
+
+    def fake_measure(num_queries, dim):
+        measured.append(num_queries)
+        return {"int8": 5.0, "float32": 9.0} if num_queries == 1 else {"int8": 9.0, "float32": 5.0}
+
+    monkeypatch.setattr(quantized_gallery, "measure_kernels", fake_measure)
+    monkeypatch.setattr(quantized_gallery, "KERNEL_CHOICES", tmp_path / "kernels.json")
+    monkeypatch.setattr(quantized_gallery, "_kernel_choices", None)
+    assert quantized_gallery.best_kernel(1, 32) == "int8" and quantized_gallery.best_kernel(40, 32) == "float32"
+    assert quantized_gallery.best_kernel(64, 32) == "float32" and measured == [1, 64]  # 40 and 64 share a bucket
+    monkeypatch.setattr(quantized_gallery, "_kernel_choices", None)  # a new process reads the choices back
+    assert quantized_gallery.best_kernel(1, 32) == "int8" and measured == [1, 64]
+    assert set(json.loads((tmp_path / "kernels.json").read_text()).values()) == {"int8", "float32"}
+    gallery = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(torch.randn(50, 32), dim=1))
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        gallery.top_k(torch.randn(1, 32), 3, kernel="float16")
 
 
 def test_broken_index_tensors_name_the_file_and_the_tensor():
