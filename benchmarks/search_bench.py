@@ -75,6 +75,18 @@ def bench_size(size: int, repeats: int, clustered: bool = False) -> list[dict]:
     return rows
 
 
+def bandwidth_bound_ms(size: int, repeats: int) -> tuple[float, float]:
+    """`(GB/s, ms)`: this machine's read bandwidth, measured as the fastest of a few full reads of an int8 array the
+    size of the index's first plane (`size` x 256 bytes; torch sums it as int64 lanes on all its threads, so the read,
+    not the arithmetic, is the limit), and the time one pass over those bytes takes at that rate: the floor for a
+    one-query exact scan."""
+    codes = torch.randint(-127, 128, (size, DIM), dtype=torch.int8)
+    lanes = codes.view(torch.int64).reshape(-1)
+    ms = min(timed(lambda: lanes.sum(), 1) for _ in range(repeats))
+    gigabytes = codes.numel() / 1e9
+    return gigabytes / (ms / 1000), ms
+
+
 def bench_storage(size: int) -> dict:
     generator = torch.Generator().manual_seed(size)
     index = SpeechImageIndex(make_gallery(size, False, generator), [{"id": str(i), "path": ""} for i in range(size)],
@@ -139,6 +151,9 @@ def main():
                 print(f"| {r['kind']} | {size:,} | {r['batch']} | {r['index']:.1f} | {r['kernel']} | {r['int8']:.1f} | "
                       f"{r['float32']:.1f} | {r['faiss']:.1f} | {r['torch']:.1f} | "
                       f"{r['index'] / min(r['faiss'], r['torch']):.2f} | {r['recall']:.3f} |", flush=True)
+    rate, floor = bandwidth_bound_ms(max(args.sizes), args.repeats)
+    print(f"\nread bandwidth: {rate:.1f} GB/s; one pass over the {max(args.sizes):,}-row first plane at that rate: "
+          f"{floor:.1f} ms (the floor for one query)")
     storage = bench_storage(max(args.sizes))
     print(f"\nstorage: {storage['mb_per_million']:.0f} MB (10^6 bytes) per 1M rows; load of {max(args.sizes):,} rows "
           f"(memory-mapped): {storage['load_ms']:.0f} ms")
