@@ -46,7 +46,30 @@ def make_gallery(size: int, clustered: bool, generator: torch.Generator) -> torc
     return torch.nn.functional.normalize(0.7 * centres.repeat_interleave(50, dim=0)[:size] + 0.714 * noise, dim=1)
 
 
-def bench_size(size: int, repeats: int, clustered: bool = False) -> list[dict]:
+def faiss_peers(gallery: torch.Tensor, hnsw: bool) -> dict:
+    """faiss's other answers to the same search: fp16 scalar quantisation (the index's memory), 8-bit scalar
+    quantisation re-ranked by the float rows, and HNSW (approximate; building it is slow, so only when asked)."""
+    import faiss
+
+    data = gallery.numpy()
+    sq16 = faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT)
+    sq16.train(data)
+    sq16.add(data)
+    sq8 = faiss.IndexScalarQuantizer(DIM, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    refine = faiss.IndexRefineFlat(sq8)
+    refine.train(data)
+    refine.add(data)
+    refine.k_factor = 4
+    peers = {"faiss SQfp16": sq16, "faiss SQ8+refine": refine}
+    if hnsw:
+        graph = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
+        graph.hnsw.efSearch = 64
+        graph.add(data)
+        peers["faiss HNSW32"] = graph
+    return peers
+
+
+def bench_size(size: int, repeats: int, clustered: bool = False, hnsw: bool = False) -> list[dict]:
     """Per batch size: the index (the kernel it measured fastest here), each kernel forced, faiss IndexFlatIP and a
     bare fp32 mm + topk, with recall@10 against fp32 brute force."""
     import faiss
@@ -56,6 +79,7 @@ def bench_size(size: int, repeats: int, clustered: bool = False) -> list[dict]:
     index = SpeechImageIndex(gallery, [{"id": str(i), "path": ""} for i in range(size)], "image", "bench")
     flat = faiss.IndexFlatIP(DIM)
     flat.add(gallery.numpy())
+    peers = faiss_peers(gallery, hnsw)
     rows = []
     for batch in (1, 8, 64):
         queries = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=generator), dim=1)
@@ -68,6 +92,10 @@ def bench_size(size: int, repeats: int, clustered: bool = False) -> list[dict]:
         for kernel in KERNELS:
             row[kernel] = timed(lambda: index.gallery.top_k(queries, 10, kernel=kernel), repeats)
         row["faiss"] = timed(lambda: flat.search(queries.numpy(), 10), repeats)
+        for name, peer in peers.items():  # faiss's compressed and approximate indexes, with their recall
+            row[name] = timed(lambda: peer.search(queries.numpy(), 10), repeats)
+            row[f"{name}_recall"] = recall_at_10(torch.from_numpy(peer.search(queries.numpy(), 10)[1]),
+                                                 (queries @ gallery.t()).topk(10, dim=1).indices)
         row["torch"] = timed(lambda: (queries @ gallery.t()).topk(10, dim=1), repeats)
         exact = (queries @ gallery.t()).topk(10, dim=1).indices
         row["recall"] = recall_at_10(index.search_embeddings(queries, 10)[1], exact)
@@ -139,18 +167,21 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--hnsw_max", type=int, default=100_000, help="build faiss HNSW only for galleries up to this size (slow)")
     parser.add_argument("--model", default="outputs/c2f-demo", help="a trained c2f folder for the re-rank cost")
     args = parser.parse_args()
     print(f"threads: {torch.get_num_threads()}")
     print("| gallery | rows | queries | index (ms) | its kernel | int8 scan | float32 GEMM | faiss Flat | torch fp32 | "
-          "index / fastest exact other | recall@10 |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "index / fastest exact other | recall@10 | faiss SQfp16 (recall) | faiss SQ8+refine (recall) | faiss HNSW32 (recall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for size in args.sizes:
         for clustered in (False, True):
-            for r in bench_size(size, args.repeats, clustered):
+            for r in bench_size(size, args.repeats, clustered, hnsw=size <= args.hnsw_max):
+                peers = " | ".join(f"{r[name]:.1f} ({r[name + '_recall']:.3f})" if name in r else "–"
+                                   for name in ("faiss SQfp16", "faiss SQ8+refine", "faiss HNSW32"))
                 print(f"| {r['kind']} | {size:,} | {r['batch']} | {r['index']:.1f} | {r['kernel']} | {r['int8']:.1f} | "
                       f"{r['float32']:.1f} | {r['faiss']:.1f} | {r['torch']:.1f} | "
-                      f"{r['index'] / min(r['faiss'], r['torch']):.2f} | {r['recall']:.3f} |", flush=True)
+                      f"{r['index'] / min(r['faiss'], r['torch']):.2f} | {r['recall']:.3f} | {peers} |", flush=True)
     rate, floor = bandwidth_bound_ms(max(args.sizes), args.repeats)
     print(f"\nread bandwidth: {rate:.1f} GB/s; one pass over the {max(args.sizes):,}-row first plane at that rate: "
           f"{floor:.1f} ms (the floor for one query)")
