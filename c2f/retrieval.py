@@ -246,17 +246,29 @@ class SpeechImageIndex:
 
     # ------------------------------------------------------------------ search
 
-    def use_faiss(self) -> None:
-        """Exact inner-product search with faiss (`pip install c2f[faiss]`); same results as the default kernel."""
+    def use_faiss(self, approximate: bool = False, neighbours: int = 32, ef_search: int = 128,
+                  rows_per_shard: int = 100_000, progress: bool = True) -> None:
+        """Search with faiss (`pip install c2f[faiss]`) instead of the int8 kernel: exact (`IndexFlatIP`, the same
+        results), or with `approximate=True` an HNSW graph (`neighbours` links a node, `ef_search` candidates a query)
+        for galleries too large for one pass per query; its recall is not 1 (`benchmarks/search_bench.py` measures
+        it). Rows are dequantised and added a shard at a time, so memory holds one float32 shard beside the index."""
         try:
             import faiss
         except ImportError as error:
             raise ImportError("faiss is not installed: pip install 'c2f[faiss]'") from error
-        self.faiss_index = faiss.IndexFlatIP(self.gallery.dim)
-        self.faiss_index.add(self.embeddings.numpy())
+        if approximate:
+            index = faiss.IndexHNSWFlat(self.gallery.dim, neighbours, faiss.METRIC_INNER_PRODUCT)
+            index.hnsw.efSearch = ef_search
+        else:
+            index = faiss.IndexFlatIP(self.gallery.dim)
+        starts = range(0, len(self), rows_per_shard)
+        for start in tqdm(starts, desc="adding to faiss", unit="shard", disable=not progress or len(starts) < 2):
+            index.add(self.gallery.dequantize(torch.arange(start, min(start + rows_per_shard, len(self)))).numpy())
+        self.faiss_index = index
 
     def search_embeddings(self, queries: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`."""
+        """Coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`; exact unless
+        `use_faiss(approximate=True)` was called."""
         queries = queries.reshape(-1, self.gallery.dim).detach().cpu().float()
         if self.faiss_index is not None:
             scores, index = self.faiss_index.search(queries.numpy(), min(top_k, len(self)))

@@ -100,6 +100,21 @@ def test_faiss_backend_gives_the_same_top_k(folders, model, processor):
     assert torch.equal(default[1], with_faiss[1]) and torch.allclose(default[0], with_faiss[0], atol=1e-3)
 
 
+def test_faiss_approximate_mode_keeps_recall_on_clustered_rows():
+    pytest.importorskip("faiss", reason="faiss is an optional extra")
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(60, 32, generator=generator), dim=1)
+    rows = torch.nn.functional.normalize(centres.repeat_interleave(50, dim=0) + 0.7 * torch.randn(3000, 32, generator=generator) / 32**0.5, dim=1)
+    index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(3000)], "image", "test")
+    queries = torch.nn.functional.normalize(rows[torch.randint(3000, (20,), generator=generator)] + 0.1 * torch.randn(20, 32, generator=generator), dim=1)
+    exact = index.search_embeddings(queries, 10)[1]
+    index.use_faiss(approximate=True, rows_per_shard=700, progress=False)  # five shards
+    assert index.faiss_index.ntotal == 3000
+    found = index.search_embeddings(queries, 10)[1]
+    recall = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
+    assert recall >= 0.95
+
+
 def test_cli_build_search_and_draw(tmp_path, folders, model, processor, capsys):
     model.eval()
     save_for_pipeline(model, processor, tmp_path / "model")
