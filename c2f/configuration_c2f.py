@@ -26,6 +26,11 @@ class C2FConfig(PreTrainedConfig):
             projection and transformer encoder follow as usual. Meant for towers trained from scratch.
         log_mel_bins (`int`, *optional*, defaults to 40):
             Mel bands of the `"log_mel"` front end.
+        log_mel_cepstral_coefficients (`int`, *optional*, defaults to 0):
+            With `k > 0`, the `"log_mel"` front end keeps only the first `k` cepstral coefficients of each frame's
+            log-mel (a DCT, truncated, and back to mel bands): the smooth spectral envelope, which carries the words,
+            without the pitch harmonics and fine detail, which carry the voice. The features keep `log_mel_bins`
+            bands. 0 keeps the log-mel as it is.
         speech_frequency_warp (`float`, *optional*, defaults to 0.0):
             Training-time voice augmentation of the `"log_mel"` front end (like HuBERT's own SpecAugment, applied only
             in training mode): each clip's spectrum is stretched along frequency by a factor drawn uniformly from
@@ -90,6 +95,7 @@ class C2FConfig(PreTrainedConfig):
     vision_config: dict | Blip2VisionConfig | None = None
     speech_front_end: str = "waveform"
     log_mel_bins: int = 40
+    log_mel_cepstral_coefficients: int = 0
     speech_frequency_warp: float = 0.0
     vision_stem: str = "patch"
     speech_layer_pooling: str = "last"
@@ -141,6 +147,9 @@ class C2FConfig(PreTrainedConfig):
             # The log-mel path runs HuBERT's encoder directly (to hand it the frame mask), which records no per-layer
             # outputs; a weighted sum of layers is for pretrained HuBERT anyway.
             raise ValueError("C2FConfig.speech_front_end='log_mel' needs speech_layer_pooling='last'")
+        if not 0 <= self.log_mel_cepstral_coefficients <= self.log_mel_bins:
+            raise ValueError(f"C2FConfig.log_mel_cepstral_coefficients must be in [0, log_mel_bins={self.log_mel_bins}], "
+                             f"got {self.log_mel_cepstral_coefficients}")
         if not 0 <= self.speech_frequency_warp < 1:
             raise ValueError(f"C2FConfig.speech_frequency_warp must be in [0, 1), got {self.speech_frequency_warp}")
         if self.vision_stem not in ("patch", "conv"):

@@ -10,6 +10,7 @@ configuration file beside it. The embedding queue and the momentum model are tra
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -309,6 +310,18 @@ def downsample_frames(frames: torch.Tensor, frame_mask: torch.Tensor, factor: in
     return summed / counts.clamp(min=1), counts.squeeze(-1) > 0
 
 
+def cepstral_smoothing_matrix(bins: int, coefficients: int) -> np.ndarray | None:
+    """`[bins, bins]` projection of a log-mel frame onto its first `coefficients` DCT-II (cepstral) components, back in
+    mel bands: classical MFCC liftering, which drops the pitch harmonics a voice leaves in the log-mel. None when it
+    would keep everything."""
+    if coefficients in (0, bins):
+        return None
+    band = np.arange(bins) + 0.5
+    dct = np.sqrt(2.0 / bins) * np.cos(np.pi * np.arange(coefficients)[:, None] * band[None, :] / bins)
+    dct[0] /= np.sqrt(2.0)  # orthonormal rows, so dct.T @ dct is a projection
+    return (dct.T @ dct).astype("float32")
+
+
 class C2FLogMelFeatureEncoder(nn.Module):
     """A log-mel front end that takes the place of HuBERT's waveform convolutions (`speech_front_end="log_mel"`).
 
@@ -338,6 +351,7 @@ class C2FLogMelFeatureEncoder(nn.Module):
             norm="slaney",
             mel_scale="slaney",
         ).astype("float32")
+        self._cepstral_smoothing = cepstral_smoothing_matrix(config.log_mel_bins, config.log_mel_cepstral_coefficients)
         widths = (config.log_mel_bins, *speech_config.conv_dim[1:])
         self.conv_layers = nn.ModuleList(
             nn.Conv1d(widths[i], widths[i + 1], speech_config.conv_kernel[i + 1], speech_config.conv_stride[i + 1])
@@ -376,6 +390,8 @@ class C2FLogMelFeatureEncoder(nn.Module):
         if self.training and self.frequency_warp > 0:
             filters = self._warped_filters(filters, power.shape[0])
         log_mel = torch.log(power @ filters + 1e-6)
+        if self._cepstral_smoothing is not None:
+            log_mel = log_mel @ torch.from_numpy(self._cepstral_smoothing).to(device=log_mel.device, dtype=log_mel.dtype)
         num_frames = log_mel.shape[1]
         if attention_mask is None:
             frame_mask = torch.ones(log_mel.shape[:2], dtype=torch.bool, device=log_mel.device)

@@ -6,7 +6,7 @@ import torch
 from transformers import HubertModel
 
 from c2f.configuration_c2f import C2FConfig
-from c2f.modeling_c2f import C2FConvStem, C2FLogMelFeatureEncoder, C2FSpeechImageModel
+from c2f.modeling_c2f import C2FConvStem, C2FLogMelFeatureEncoder, C2FSpeechImageModel, cepstral_smoothing_matrix
 from c2f.presets import tiny_config, tiny_processor
 
 
@@ -76,6 +76,39 @@ def test_frequency_warp_applies_in_training_only(processor):
     assert not torch.allclose(warped, plain, atol=1e-3)
 
 
+def test_cepstral_smoothing_keeps_the_envelope_and_drops_the_harmonic_ripple():
+    """A log-mel frame made of a slow envelope plus a fast ripple (what pitch harmonics leave across mel bands): the
+    first 13 cepstral coefficients keep the envelope and remove the ripple."""
+    bins = 40
+    band = np.arange(bins)
+    envelope = np.cos(np.pi * 2 * (band + 0.5) / bins)  # DCT component 2
+    ripple = np.cos(np.pi * 30 * (band + 0.5) / bins)  # DCT component 30
+    smoothing = cepstral_smoothing_matrix(bins, 13)
+    assert np.allclose((envelope + ripple) @ smoothing, envelope, atol=1e-5)
+    assert np.allclose(smoothing @ smoothing, smoothing, atol=1e-5)  # a projection: smoothing twice changes nothing
+    assert cepstral_smoothing_matrix(bins, 0) is None and cepstral_smoothing_matrix(bins, bins) is None
+
+
+def test_cepstral_front_end_feeds_the_smoothed_log_mel(processor):
+    """The front end's features are the plain log-mel projected, then normalised per clip."""
+    torch.manual_seed(0)
+    smoothed = C2FSpeechImageModel(tiny_config(log_mel_cepstral_coefficients=13)).speech_model.feature_extractor.eval()
+    plain = C2FSpeechImageModel(tiny_config()).speech_model.feature_extractor.eval()
+    inputs = processor(audio=_clips(16000, 9000))
+    features, mask = smoothed.log_mel(inputs["input_values"], inputs["attention_mask"])
+    reference, _ = plain.log_mel(inputs["input_values"], inputs["attention_mask"])
+    assert features.shape == reference.shape
+    assert not torch.allclose(features, reference, atol=1e-2)
+    projection = torch.from_numpy(cepstral_smoothing_matrix(40, 13))
+    # Per-clip normalisation of reference is affine per band, and the projection mixes bands: compare after projecting
+    # the unnormalised log-mel of one clip by hand.
+    frames = inputs["input_values"][:1, :16000].unfold(1, 400, 160)
+    power = torch.fft.rfft(frames * torch.hann_window(400), n=400).abs().square()
+    log_mel = torch.log(power @ torch.from_numpy(plain._mel_filters) + 1e-6) @ projection
+    expected = (log_mel - log_mel.mean(dim=1, keepdim=True)) / (log_mel.var(dim=1, unbiased=False, keepdim=True) + 1e-5).sqrt()
+    assert torch.allclose(features[:1, : expected.shape[1]], expected, atol=1e-3)
+
+
 def test_conv_stem_keeps_the_patch_grid(batch):
     config = tiny_config()
     stem = C2FConvStem(config.vision_config)
@@ -109,6 +142,7 @@ def test_real_checkpoint_front_ends_are_hubert_and_blip2_modules():
         (dict(vision_stem="cnn"), "vision_stem"),
         (dict(vision_stem="conv", vision_config=dict(patch_size=6, image_size=60)), "power-of-two"),
         (dict(speech_frequency_warp=1.5), "speech_frequency_warp"),
+        (dict(log_mel_cepstral_coefficients=41), "log_mel_cepstral_coefficients"),
         (dict(speech_layer_pooling="weighted_sum"), "speech_layer_pooling='last'"),
     ],
 )
