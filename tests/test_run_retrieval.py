@@ -101,6 +101,21 @@ def test_one_seed_gives_one_model(tmp_path, one_thread):
     assert not all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])
 
 
+def test_config_overrides_change_the_tiny_model_and_are_checked():
+    """`--config_overrides` as in the transformers examples: names must exist, values are cast and the whole config is
+    checked again; a loaded model keeps its own config."""
+    script = _load_script()
+    model, _ = script.build_model_and_processor(script.ModelArguments(config_overrides="log_mel_cepstral_coefficients=13,embed_dim=32"))
+    assert model.config.log_mel_cepstral_coefficients == 13 and model.speech_projection.out_features == 32
+    assert model.speech_model.feature_extractor._cepstral_smoothing is not None
+    with pytest.raises(ValueError, match="no_such_setting"):
+        script.build_model_and_processor(script.ModelArguments(config_overrides="no_such_setting=1"))
+    with pytest.raises(ValueError, match="log_mel_cepstral_coefficients"):
+        script.build_model_and_processor(script.ModelArguments(config_overrides="log_mel_cepstral_coefficients=99"))
+    with pytest.raises(ValueError, match="keeps its config"):
+        script.build_model_and_processor(script.ModelArguments(model_name_or_path="anything", config_overrides="embed_dim=8"))
+
+
 def test_an_eval_strategy_still_trains_and_evaluation_only_is_explicit(tmp_path):
     """transformers turns do_eval on for any eval strategy; that once skipped training silently."""
     script = _load_script()
