@@ -246,21 +246,42 @@ class SpeechImageIndex:
 
     # ------------------------------------------------------------------ search
 
-    def use_faiss(self, approximate: bool = False, neighbours: int = 32, ef_search: int = 128,
-                  rows_per_shard: int = 100_000, progress: bool = True) -> None:
-        """Search with faiss (`pip install c2f[faiss]`) instead of the int8 kernel: exact (`IndexFlatIP`, the same
-        results), or with `approximate=True` an HNSW graph (`neighbours` links a node, `ef_search` candidates a query)
-        for galleries too large for one pass per query; its recall is not 1 (`benchmarks/search_bench.py` measures
-        it). Rows are dequantised and added a shard at a time, so memory holds one float32 shard beside the index."""
+    def use_faiss(self, approximate: bool | str = False, neighbours: int = 32, ef_search: int = 128,
+                  lists: int | None = None, probes: int = 32, rows_per_shard: int = 100_000, progress: bool = True) -> None:
+        """Search with faiss (`pip install c2f[faiss]`) instead of the int8 kernel.
+
+        - `approximate=False`: exact (`IndexFlatIP`, the same results).
+        - `approximate="hnsw"` (or True): an HNSW graph, `neighbours` links a node, `ef_search` candidates a query.
+          Fast to search, slow to build and as large as the float rows: up to a few million rows.
+        - `approximate="ivf"`: an inverted file, rows grouped into `lists` k-means cells (default: sqrt(rows)), stored as
+          fp16; a query scans its `probes` nearest cells. Built in minutes and half the float size: for 10M rows and
+          up.
+
+        Approximate modes trade recall for speed (`benchmarks/search_bench.py` and `search_10m.py` measure both).
+        Rows are dequantised and added a shard at a time, so memory holds one float32 shard beside the index.
+        """
         try:
             import faiss
         except ImportError as error:
             raise ImportError("faiss is not installed: pip install 'c2f[faiss]'") from error
-        if approximate:
-            index = faiss.IndexHNSWFlat(self.gallery.dim, neighbours, faiss.METRIC_INNER_PRODUCT)
+        method = "hnsw" if approximate is True else approximate
+        dim = self.gallery.dim
+        if method == "hnsw":
+            index = faiss.IndexHNSWFlat(dim, neighbours, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = ef_search
+        elif method == "ivf":
+            lists = lists or max(1, int(len(self) ** 0.5))
+            index = faiss.IndexIVFScalarQuantizer(faiss.IndexFlatIP(dim), dim, lists, faiss.ScalarQuantizer.QT_fp16,
+                                                  faiss.METRIC_INNER_PRODUCT)
+            index.cp.spherical = True  # unit centroids: with inner products, long ones would draw most rows to them
+            # k-means on 40 rows a cell (faiss's own lower bound), drawn once with a fixed seed: a rebuilt index is the same.
+            sample = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[: 40 * lists].sort().values
+            index.train(self.gallery.dequantize(sample).numpy())
+            index.nprobe = min(probes, lists)
+        elif method is False or method is None:
+            index = faiss.IndexFlatIP(dim)
         else:
-            index = faiss.IndexFlatIP(self.gallery.dim)
+            raise ValueError(f"use_faiss: approximate must be False, True, 'hnsw' or 'ivf', got {approximate!r}")
         starts = range(0, len(self), rows_per_shard)
         for start in tqdm(starts, desc="adding to faiss", unit="shard", disable=not progress or len(starts) < 2):
             index.add(self.gallery.dequantize(torch.arange(start, min(start + rows_per_shard, len(self)))).numpy())

@@ -100,7 +100,8 @@ def test_faiss_backend_gives_the_same_top_k(folders, model, processor):
     assert torch.equal(default[1], with_faiss[1]) and torch.allclose(default[0], with_faiss[0], atol=1e-3)
 
 
-def test_faiss_approximate_mode_keeps_recall_on_clustered_rows():
+@pytest.mark.parametrize("method", ["hnsw", "ivf"])
+def test_faiss_approximate_modes_keep_recall_on_clustered_rows(method):
     pytest.importorskip("faiss", reason="faiss is an optional extra")
     generator = torch.Generator().manual_seed(0)
     centres = torch.nn.functional.normalize(torch.randn(60, 32, generator=generator), dim=1)
@@ -108,11 +109,19 @@ def test_faiss_approximate_mode_keeps_recall_on_clustered_rows():
     index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(3000)], "image", "test")
     queries = torch.nn.functional.normalize(rows[torch.randint(3000, (20,), generator=generator)] + 0.1 * torch.randn(20, 32, generator=generator), dim=1)
     exact = index.search_embeddings(queries, 10)[1]
-    index.use_faiss(approximate=True, rows_per_shard=700, progress=False)  # five shards
+    index.use_faiss(approximate=method, rows_per_shard=700, probes=4, progress=False)  # five shards; IVF scans 4 of 54 cells
     assert index.faiss_index.ntotal == 3000
+    assert type(index.faiss_index).__name__ == {"hnsw": "IndexHNSWFlat", "ivf": "IndexIVFScalarQuantizer"}[method]
     found = index.search_embeddings(queries, 10)[1]
     recall = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
     assert recall >= 0.95
+
+
+def test_faiss_rejects_an_unknown_approximate_mode():
+    pytest.importorskip("faiss", reason="faiss is an optional extra")
+    index = SpeechImageIndex(torch.nn.functional.normalize(torch.randn(10, 8), dim=1), [{"id": str(i), "path": ""} for i in range(10)], "image", "test")
+    with pytest.raises(ValueError, match="'ivf'"):
+        index.use_faiss(approximate="lsh")
 
 
 def test_cli_build_search_and_draw(tmp_path, folders, model, processor, capsys):

@@ -80,7 +80,7 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
     assert metadata["pipeline_tag"] == "feature-extraction" and "datasets" not in metadata  # demo: no Hub dataset id
     assert "2 optimizer steps" in card and "but the run ended at step 2, so it never ran" in card
     assert "queue of 16 momentum embeddings" not in card and "**Momentum distillation**" not in card
-    assert "| learning_rate | 0.0005 |" in card and "transformers " + __import__("transformers").__version__ in card
+    assert "| learning_rate | 0.002 |" in card and "transformers " + __import__("transformers").__version__ in card
 
 
 def test_one_seed_gives_one_model(tmp_path, one_thread):
