@@ -254,10 +254,11 @@ class SpeechImageIndex:
         - `approximate="hnsw"` (or True): an HNSW graph, `neighbours` links a node, `ef_search` candidates a query.
           Fast to search, slow to build and as large as the float rows: up to a few million rows.
         - `approximate="ivf"`: an inverted file, rows grouped into `lists` k-means cells (default: sqrt(rows)), stored as
-          fp16; a query scans its `probes` nearest cells. Built in minutes and half the float size: for 10M rows and
-          up.
+          fp16; a query scans its `probes` nearest cells. Built in minutes at 10M rows, half the float size.
 
-        Approximate modes trade recall for speed (`benchmarks/search_bench.py` and `search_10m.py` measure both).
+        Approximate modes trade recall for speed, and their recall depends on the gallery: both follow its structure
+        at scales above the nearest neighbours, and a gallery without it (10M rows in 200,000 unrelated groups of 50,
+        in `benchmarks/search_10m.py`) leaves both below recall@10 0.5. Measure on your own rows.
         Rows are dequantised and added a shard at a time, so memory holds one float32 shard beside the index.
         """
         try:
