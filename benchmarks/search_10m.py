@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_bench import DIM, bandwidth_bound_ms, make_gallery, recall_at_10, timed  # noqa: E402
+from search_bench import DIM, bandwidth_bound_ms, make_gallery, queries_near, recall_at_10, timed  # noqa: E402
 
 from c2f.quantized_gallery import TENSOR_DTYPES, QuantizedEmbeddings  # noqa: E402
 from c2f.retrieval import SpeechImageIndex  # noqa: E402
@@ -78,9 +78,7 @@ def main():
     print(f"load (memory-mapped; index.json with {args.rows:,} records parsed): {time.perf_counter() - start:.1f} s",
           flush=True)
 
-    picks = anchors[torch.randint(len(anchors), (args.queries,), generator=generator)]
-    queries = torch.nn.functional.normalize(picks + 0.3 * torch.nn.functional.normalize(
-        torch.randn(args.queries, DIM, generator=generator), dim=1) / 1.0, dim=1)
+    queries = queries_near(anchors, args.queries, generator)
     start = time.perf_counter()
     index.search_embeddings(queries[:1], 10)
     print(f"first exact query after load: {(time.perf_counter() - start) * 1000:.0f} ms (page cache as the save left it)")

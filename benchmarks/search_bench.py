@@ -46,6 +46,14 @@ def make_gallery(size: int, clustered: bool, generator: torch.Generator) -> torc
     return torch.nn.functional.normalize(0.7 * centres.repeat_interleave(50, dim=0)[:size] + 0.714 * noise, dim=1)
 
 
+def queries_near(rows: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """`count` unit queries near randomly picked `rows` (a random unit offset of 0.3), as real queries sit near the
+    data in a clustered gallery."""
+    picks = rows[torch.randint(len(rows), (count,), generator=generator)]
+    offsets = torch.nn.functional.normalize(torch.randn(count, rows.shape[1], generator=generator), dim=1)
+    return torch.nn.functional.normalize(picks + 0.3 * offsets, dim=1)
+
+
 def faiss_peers(gallery: torch.Tensor, hnsw: bool) -> dict:
     """faiss's other answers to the same search: fp16 scalar quantisation (the index's memory), 8-bit scalar
     quantisation re-ranked by the float rows, and HNSW (approximate; building it is slow, so only when asked)."""
@@ -82,10 +90,8 @@ def bench_size(size: int, repeats: int, clustered: bool = False, hnsw: bool = Fa
     peers = faiss_peers(gallery, hnsw)
     rows = []
     for batch in (1, 8, 64):
-        queries = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=generator), dim=1)
-        if clustered:  # queries near the data, as real queries are
-            queries = torch.nn.functional.normalize(gallery[torch.randint(size, (batch,), generator=generator)]
-                                                    + 0.3 * queries, dim=1)
+        queries = (queries_near(gallery, batch, generator) if clustered
+                   else torch.nn.functional.normalize(torch.randn(batch, DIM, generator=generator), dim=1))
         row = {"size": size, "kind": "clustered" if clustered else "isotropic", "batch": batch,
                "kernel": best_kernel(batch, DIM)}
         row["index"] = timed(lambda: index.search_embeddings(queries, 10), repeats)
