@@ -74,10 +74,10 @@ class RunArguments(C2FTrainingArguments):
 
     evaluation_only: bool = field(default=False, metadata={"help": "Only evaluate (--model_name_or_path) on the test, report and zero-shot splits; no training."})
     output_dir: str = field(default="outputs/c2f-demo", metadata={"help": "Where the model, processor and results go."})
-    # 1,320 steps of 32: 9.0 and 9.7 minutes on 2 CPU cores, training and evaluation together, in the runs the README
+    # 1,320 steps of 32: 7.8 to 9.7 minutes on 2 CPU cores, training and evaluation together, in the runs the README
     # quotes (the 10-minute budget; 24 epochs took 10.6). The model fits its training pairs long before; the
     # extra epochs are for the voices it has not heard, which the augmentation keeps presenting anew.
-    num_train_epochs: float = field(default=22.0, metadata={"help": "Training epochs (demo default: 22, 9-10 minutes on 2 CPU cores with evaluation)."})
+    num_train_epochs: float = field(default=22.0, metadata={"help": "Training epochs (demo default: 22, 8-10 minutes on 2 CPU cores with evaluation)."})
     per_device_train_batch_size: int = field(default=32, metadata={"help": "Training batch size per process."})
     per_device_eval_batch_size: int = field(default=64, metadata={"help": "Encoding batch size for evaluation."})
     # Chosen on the held-out-voice validation split, 3 seeds each (benchmarks/results/demo_gpu_screen_2026-11-26b.json):
