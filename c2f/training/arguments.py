@@ -19,6 +19,8 @@ class C2FTrainingArguments(TrainingArguments):
     use_queue: bool = field(default=True, metadata={"help": "Use the momentum embedding queue as extra SIC negatives."})
     use_sim: bool = field(default=True, metadata={"help": "Train the SIM matching head with hard negatives."})
     use_distillation: bool = field(default=True, metadata={"help": "Mix momentum soft targets into the SIC targets."})
+    neighbour_batches: bool = field(default=False, metadata={"help": "Build each training batch from pairs: a random clip and a clip of an image whose caption is among its nearest (TF-IDF), so SIC and SIM meet hard negatives in every batch. Needs caption text."})
+    batch_neighbours: int = field(default=3, metadata={"help": "With neighbour_batches: a partner image is drawn from this many nearest captions."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the raw columns."})
     dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in page-locked memory (default: only when CUDA is there, which is the only case it helps and the only one without a warning)."})
     average_tokens_across_devices: bool = field(default=False, metadata={"help": "Kept False: c2f's loss is a per-batch mean."})

@@ -14,6 +14,7 @@ from ..modeling_c2f import sic_loss
 from .contrastive import contrastive_keys, distillation_targets, gather_with_grad
 from .momentum import MomentumModel
 from .queue import EmbeddingQueue
+from .sampling import NeighbourBatchSampler
 
 STATE_FILE = "c2f_training_state.safetensors"
 # Raw audio, or a frozen HuBERT's cached frames (SpeechFeatureCache through the collator).
@@ -143,10 +144,24 @@ class C2FTrainer(Trainer):
                 average.load_state_dict(state)
         if self.queue is not None:
             self.queue.load_state_dict({k: v.to(self.queue.speech.device) for k, v in state.items() if k.startswith("queue.")})
-        augmentation = getattr(self.data_collator, "augmentation", None)
-        if augmentation is not None:  # its draws are numbered by batch: continue from the checkpoint's batch
-            steps = int(json.loads(Path(resume_from_checkpoint, TRAINER_STATE_NAME).read_text())["global_step"])
-            augmentation.batch_number = steps * self.args.gradient_accumulation_steps
+        steps = int(json.loads(Path(resume_from_checkpoint, TRAINER_STATE_NAME).read_text())["global_step"])
+        for name in ("augmentation", "image_augmentation"):
+            augmentation = getattr(self.data_collator, name, None)
+            if augmentation is not None:  # its draws are numbered by batch: continue from the checkpoint's batch
+                augmentation.batch_number = steps * self.args.gradient_accumulation_steps
+
+    def _get_train_sampler(self, train_dataset=None):
+        if not self.args.neighbour_batches:
+            return super()._get_train_sampler(train_dataset)
+        if self.args.train_sampling_strategy != "random":
+            raise ValueError(f"--neighbour_batches chooses the batches itself; it cannot be combined with "
+                             f"train_sampling_strategy={self.args.train_sampling_strategy!r}")
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        missing = [name for name in ("image_id", "caption") if name not in dataset.column_names]
+        if missing:
+            raise ValueError(f"--neighbour_batches needs the training set's {' and '.join(missing)} column(s)")
+        return NeighbourBatchSampler(dataset["image_id"], dataset["caption"], self.args.per_device_train_batch_size,
+                                     seed=self.args.seed, neighbours=self.args.batch_neighbours)
 
     # ------------------------------------------------------------------ loss
 
