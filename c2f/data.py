@@ -298,12 +298,12 @@ class SpeechImageCollator:
     With `image_features` (an `ImageFeatureCache` of a frozen tower) images are not decoded at all: the batch carries
     `image_hidden_states` instead of `pixel_values`; likewise `speech_features` (a `SpeechFeatureCache` of a frozen
     HuBERT) gives `speech_hidden_states` + `speech_frame_mask` instead of `input_values`. With `augmentation` (a `SpeechAugmentation`) each clip is
-    perturbed after decoding. `decoded_cache_bytes` keeps decoded waveforms (and preprocessed images) in memory up to
+    perturbed after decoding, and with `image_augmentation` (an `ImageAugmentation`) each training image is shifted. `decoded_cache_bytes` keeps decoded waveforms (and preprocessed images) in memory up to
     that size, so later epochs skip decoding: decoding Opus in the collator cost about 40% of a demo training step.
     """
 
     def __init__(self, processor: C2FProcessor, max_audio_seconds: float | None = 15.0, image_features=None,
-                 augmentation=None, decoded_cache_bytes: int = 0, speech_features=None):
+                 augmentation=None, decoded_cache_bytes: int = 0, speech_features=None, image_augmentation=None):
         if speech_features is not None and augmentation is not None:
             raise ValueError("a HuBERT feature cache holds the clips as recorded; with voice augmentation every epoch "
                              "hears them changed: turn one off (--augment_speech false or --speech_feature_cache false)")
@@ -312,6 +312,10 @@ class SpeechImageCollator:
         self.max_length = int(max_audio_seconds * processor.sampling_rate) if max_audio_seconds else None
         self.image_features = image_features
         self.augmentation = augmentation
+        if image_features is not None and image_augmentation is not None:
+            raise ValueError("an image feature cache holds each image's features once; shifted images need the tower "
+                             "to run: turn one off (image_shift 0 or --image_feature_cache false)")
+        self.image_augmentation = image_augmentation
         self.decoded_cache_bytes = decoded_cache_bytes
         self._decoded: dict[str, np.ndarray] = {}
         self._decoded_bytes = 0
@@ -330,7 +334,7 @@ class SpeechImageCollator:
         return self._remember(key, load_audio(audio, self.processor.sampling_rate, index=index))
 
     def _pixels(self, images: list) -> torch.Tensor:
-        """Preprocessed images, remembered by path like the audio (images are never augmented)."""
+        """Preprocessed images, remembered by path like the audio (augmented after, in `__call__`)."""
         keys = [media_cache_key(image, "image:") for image in images]
         missing = [index for index, key in enumerate(keys) if key is None or key not in self._decoded]
         fresh = self.processor(images=[images[index] for index in missing])["pixel_values"] if missing else None
@@ -357,6 +361,8 @@ class SpeechImageCollator:
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         batch = self._speech_batch(records)
         batch.update(self.image_batch(records))
+        if self.image_augmentation is not None and "pixel_values" in batch:
+            batch["pixel_values"] = self.image_augmentation.augment_batch(batch["pixel_values"])
         batch["image_ids"] = torch.tensor([int(record["image_id"]) for record in records])
         return batch
 

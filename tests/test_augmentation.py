@@ -72,3 +72,37 @@ def test_collator_decodes_each_clip_once_and_augments_every_time(processor, monk
     plain(records)
     plain(records)
     assert len(decoded) == 12  # no cache: decoded every time
+
+
+def test_image_shift_moves_whole_images_by_seeded_offsets_within_the_limit():
+    from c2f.augmentation import ImageAugmentation
+
+    pixels = torch.zeros(6, 3, 20, 20)
+    pixels[:, :, 8:12, 8:12] = 1.0  # a square in the middle, on a flat background
+    shifted = ImageAugmentation(max_shift=0.1, seed=1).augment_batch(pixels)  # up to 2 px each way
+    assert shifted.shape == pixels.shape
+    moves = set()
+    for image in shifted:
+        rows, cols = torch.nonzero(image[0], as_tuple=True)
+        assert len(rows) == 16  # the square, whole: only moved
+        top, left = int(rows.min()) - 8, int(cols.min()) - 8
+        assert -2 <= top <= 2 and -2 <= left <= 2
+        moves.add((top, left))
+    assert len(moves) > 1
+    again = ImageAugmentation(max_shift=0.1, seed=1).augment_batch(pixels)
+    assert torch.equal(again, shifted)
+    assert not torch.equal(ImageAugmentation(max_shift=0.1, seed=2).augment_batch(pixels), shifted)
+    assert torch.equal(ImageAugmentation(max_shift=0.0).augment_batch(pixels), pixels)
+    with pytest.raises(ValueError, match="max_shift"):
+        ImageAugmentation(max_shift=0.6)
+
+
+def test_collator_shifts_training_images_only_when_asked(processor):
+    from c2f.augmentation import ImageAugmentation
+
+    records = [dict(row) for row in load_demo("validation").select(range(4))]
+    plain = SpeechImageCollator(processor)(records)["pixel_values"]
+    shifted = SpeechImageCollator(processor, image_augmentation=ImageAugmentation(max_shift=0.1, seed=0))(records)["pixel_values"]
+    assert shifted.shape == plain.shape and not torch.equal(shifted, plain)
+    with pytest.raises(ValueError, match="image feature cache"):
+        SpeechImageCollator(processor, image_features=object(), image_augmentation=ImageAugmentation())
