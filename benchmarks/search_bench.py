@@ -132,25 +132,30 @@ def bench_storage(size: int) -> dict:
     return {"mb_per_million": stored / 1e6 * (1_000_000 / size), "load_ms": load_ms}
 
 
-def bench_kernels(size: int, repeats: int) -> list[tuple[int, float, float, float]]:
-    """Raw scoring kernels over one gallery, per batch size: the measurements behind the int8 storage."""
-    from c2f.quantized_gallery import CHUNK_SCORES, _int8_rows
+def bench_kernels(size: int, repeats: int) -> tuple[list[str], list[tuple]]:
+    """Raw scoring kernels over one gallery, per batch size, no top-k: float32 and float16 products, and each int8 scan
+    this machine can run (`portable`, and `avx2` where the CPU has it: the index uses the last)."""
+    import numpy as np
+
+    from c2f.int8_scan import _HAS_AVX2, int8_scores
+    from c2f.quantized_gallery import _int8_rows
 
     generator = torch.Generator().manual_seed(size)
     gallery = torch.nn.functional.normalize(torch.randn(size, DIM, generator=generator), dim=1)
     half = gallery.half()
-    index = SpeechImageIndex(gallery, [{"id": str(i), "path": ""} for i in range(size)], "image", "bench")
+    stored = SpeechImageIndex(gallery, [{"id": str(i), "path": ""} for i in range(size)], "image", "bench").gallery
+    codes, scales = stored.codes.numpy(), stored.scales.numpy()
+    scans = ["portable"] + (["avx2"] if _HAS_AVX2 else [])
     rows = []
     for batch in (1, 8, 64):
         queries = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=generator), dim=1)
-        codes, scales = _int8_rows(queries)
-        rows.append((
-            batch,
-            timed(lambda: queries @ gallery.t(), repeats),
-            timed(lambda: queries.half() @ half.t(), repeats),
-            timed(lambda: list(index.gallery._approximate_chunks(queries, codes, scales, CHUNK_SCORES)), repeats),
-        ))
-    return rows
+        query_codes, query_scales = (tensor.numpy() for tensor in _int8_rows(queries))
+        out = np.empty((batch, size), np.float32)
+        scan_ms = [timed(lambda: int8_scores(codes, scales, query_codes, query_scales, out, kernel=scan), repeats)
+                   for scan in scans]
+        rows.append((batch, timed(lambda: queries @ gallery.t(), repeats), timed(lambda: queries.half() @ half.t(), repeats),
+                     *scan_ms))
+    return scans, rows
 
 
 def bench_rerank(model_dir: str, ks=(16, 64, 128)) -> list[tuple[int, float]]:
@@ -176,13 +181,18 @@ def main():
     parser.add_argument("--hnsw_max", type=int, default=100_000, help="build faiss HNSW only for galleries up to this size (slow)")
     parser.add_argument("--model", default="outputs/c2f-demo", help="a trained c2f folder for the re-rank cost")
     args = parser.parse_args()
-    print(f"threads: {torch.get_num_threads()}")
+    from c2f.int8_scan import scan_kernel
+
+    print(f"threads: {torch.get_num_threads()}; int8 scan kernel: {scan_kernel(DIM)}")
     print("| gallery | rows | queries | index (ms) | its kernel | int8 scan | float32 GEMM | faiss Flat | torch fp32 | "
           "index / fastest exact other | recall@10 | faiss SQfp16 (recall) | faiss SQ8+refine (recall) | faiss HNSW32 (recall) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    single_query = []
     for size in args.sizes:
         for clustered in (False, True):
             for r in bench_size(size, args.repeats, clustered, hnsw=size <= args.hnsw_max):
+                if size == max(args.sizes) and r["batch"] == 1:
+                    single_query.append(r)
                 peers = " | ".join(f"{r[name]:.1f} ({r[name + '_recall']:.3f})" if name in r else "–"
                                    for name in ("faiss SQfp16", "faiss SQ8+refine", "faiss HNSW32"))
                 print(f"| {r['kind']} | {size:,} | {r['batch']} | {r['index']:.1f} | {r['kernel']} | {r['int8']:.1f} | "
@@ -191,13 +201,17 @@ def main():
     rate, floor = bandwidth_bound_ms(max(args.sizes), args.repeats)
     print(f"\nread bandwidth: {rate:.1f} GB/s; one pass over the {max(args.sizes):,}-row first plane at that rate: "
           f"{floor:.1f} ms (the floor for one query)")
+    for r in single_query:
+        print(f"one {r['kind']} query on {max(args.sizes):,} rows: {r['index']:.1f} ms, {r['index'] / floor:.2f}x the floor")
     storage = bench_storage(max(args.sizes))
     print(f"\nstorage: {storage['mb_per_million']:.0f} MB (10^6 bytes) per 1M rows; load of {max(args.sizes):,} rows "
           f"(memory-mapped): {storage['load_ms']:.0f} ms")
-    print(f"\n| queries | fp32 matmul (ms) | fp16 matmul | int8 scan (this index's first pass) |  ({max(args.sizes):,} rows, no top-k)")
-    print("|---|---|---|---|")
-    for batch, fp32, fp16, int8 in bench_kernels(max(args.sizes), 3):
-        print(f"| {batch} | {fp32:.1f} | {fp16:.1f} | {int8:.1f} |", flush=True)
+    scans, kernel_rows = bench_kernels(max(args.sizes), 3)
+    print(f"\n| queries | fp32 matmul (ms) | fp16 matmul | {' | '.join(f'int8 scan, {scan}' for scan in scans)} |  "
+          f"({max(args.sizes):,} rows, no top-k; the index scans with the last)")
+    print("|---" * (3 + len(scans)) + "|")
+    for batch, *timings in kernel_rows:
+        print(f"| {batch} | {' | '.join(f'{ms:.1f}' for ms in timings)} |", flush=True)
     if os.path.isdir(args.model):
         print("\n| SIM re-rank depth k | extra ms per query (demo model, 64 px images re-encoded from files) |")
         print("|---|---|")

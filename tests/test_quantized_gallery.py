@@ -103,3 +103,35 @@ def test_broken_index_tensors_name_the_file_and_the_tensor():
         QuantizedEmbeddings.from_tensors({**tensors, "scales": tensors["scales"][:3]}, "f")
     with pytest.raises(ValueError, match="NaN or inf"):
         QuantizedEmbeddings.quantize(torch.tensor([[0.5, float("nan")]]))
+
+
+@pytest.mark.parametrize("dim", [64, 256])
+def test_both_scan_kernels_give_the_exact_integer_products(dim):
+    import numpy as np
+
+    from c2f.int8_scan import _HAS_AVX2, int8_scores, scan_kernel
+
+    rng = np.random.default_rng(dim)
+    codes = rng.integers(-127, 128, (301, dim), dtype=np.int8)
+    codes[0], codes[1] = 127, -127  # the extremes: |pair sums| reach 2 * 127 * 127, just inside int16
+    queries = rng.integers(-127, 128, (3, dim), dtype=np.int8)
+    queries[0] = -127
+    scales, query_scales = rng.random(301).astype(np.float32), rng.random(3).astype(np.float32)
+    expected = (queries.astype(np.int64) @ codes.astype(np.int64).T).astype(np.float32) * scales * query_scales[:, None]
+    kernels = ["portable"] + (["avx2"] if _HAS_AVX2 else [])
+    assert scan_kernel(dim) == kernels[-1]
+    for kernel in kernels:
+        out = np.empty((3, 301), np.float32)
+        int8_scores(codes, scales, queries, query_scales, out, kernel=kernel)
+        np.testing.assert_allclose(out, expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="32 bytes at a time"):
+        int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, 301), np.float32), kernel="avx2")
+
+
+@pytest.mark.parametrize("queries, rows, k", [(1, 10_003, 50), (2, 4_000, 7), (1, 100, 20), (5, 999, 9)])
+def test_top_columns_in_pieces_is_topk(queries, rows, k):
+    scores = torch.randn(queries, rows, generator=torch.Generator().manual_seed(rows))
+    best, columns = quantized_gallery._top_columns(scores, k)
+    expected = scores.topk(k, dim=1)
+    assert torch.equal(best, expected.values) and torch.equal(scores.gather(1, columns), best)
+    assert torch.equal(columns.sort(dim=1).values, expected.indices.sort(dim=1).values)
