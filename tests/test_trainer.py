@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from c2f.augmentation import SpeechAugmentation
+from c2f.augmentation import ImageAugmentation, SpeechAugmentation
 from c2f.data import SpeechImageCollator, load_demo
 import c2f.training.trainer as trainer_module
 from c2f.modeling_c2f import C2FSpeechImageModel, sic_loss
@@ -15,7 +15,7 @@ from c2f.training import C2FTrainer, C2FTrainingArguments
 from c2f.training.trainer import STATE_FILE, last_complete_checkpoint
 
 
-def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, **overrides):
+def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, image_augmentation=None, **overrides):
     torch.manual_seed(0)
     model = C2FSpeechImageModel(tiny_config(hidden_dropout=0.0))
     processor = tiny_processor()
@@ -28,7 +28,9 @@ def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, **overri
         **settings,
     )
     return C2FTrainer(model=model, args=args, train_dataset=load_demo("validation").select(range(16)),
-                      data_collator=SpeechImageCollator(processor, augmentation=augmentation), processor=processor)
+                      data_collator=SpeechImageCollator(processor, augmentation=augmentation,
+                                                        image_augmentation=image_augmentation),
+                      processor=processor)
 
 
 def test_training_fills_the_queue_and_updates_the_momentum_model(tmp_path):
@@ -64,19 +66,24 @@ def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path, monkeypa
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):
-    """With voice augmentation on: its draws are numbered by batch and continue from the checkpoint's step."""
-    straight = _trainer(tmp_path / "straight", max_steps=4, augmentation=SpeechAugmentation(), weight_ema=0.9)
+    """With voice and image augmentation on (their draws are numbered by batch and continue from the checkpoint's
+    step) and neighbour batches (drawn by epoch, the resumed epoch's first batches skipped)."""
+    def trainer(folder, save_steps=None):
+        return _trainer(tmp_path / folder, max_steps=6, save_steps=save_steps, augmentation=SpeechAugmentation(),
+                        image_augmentation=ImageAugmentation(seed=1), weight_ema=0.9, neighbour_batches=True)
+
+    straight = trainer("straight")
     straight.train()
 
-    first_half = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation(), weight_ema=0.9)
-    first_half.train()  # saves checkpoint-2 and checkpoint-4; resume from the middle one
+    first_half = trainer("resumed", save_steps=2)
+    first_half.train()  # saves checkpoints 2, 4 and 6; resume from the first, inside the first epoch of 4 steps
     checkpoint = tmp_path / "resumed" / "checkpoint-2"
     state = load_file(checkpoint / STATE_FILE)
     assert int(state["queue.filled"]) == 8 and any(name.startswith("momentum.") for name in state)
     assert int(state["weight_ema.updates"]) == 2 and any(name.startswith("weight_ema.speech") for name in state)
     assert not any(name.endswith(".tmp") for name in os.listdir(checkpoint))
 
-    resumed = _trainer(tmp_path / "resumed", max_steps=4, save_steps=2, augmentation=SpeechAugmentation(), weight_ema=0.9)
+    resumed = trainer("resumed", save_steps=2)
     resumed.train(resume_from_checkpoint=str(checkpoint))
     for (name, expected), actual in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.allclose(expected, actual, atol=1e-6), name
