@@ -5,7 +5,8 @@
 Prints, on one demo split: the share of coarse (SIC) speech->image top-1 errors that pick a *sibling* of the right
 image (a scene whose caption differs in one word, or has the same words in another order: colours or objects
 swapped), how often SIC and SIM each put the right image above such a sibling when both are in the top k, and how
-often a training batch offers SIM a sibling as a negative at all (in-batch hard negatives are all it ever sees).
+often a training batch offers SIM a sibling as a negative at all (in-batch hard negatives are all it ever sees), drawn
+at random and drawn as the demo's neighbour batches.
 """
 
 import argparse
@@ -41,6 +42,25 @@ def sibling_share_in_batches(dataset, batch_size: int) -> tuple[float, float]:
     for draw in range(batch_size - 1):
         miss *= 1 - per_image / (rows - 1 - draw)
     return with_sibling, 1 - miss
+
+
+def sibling_share_in_neighbour_batches(dataset, batch_size: int, epochs: int = 3) -> float:
+    """The same odds, counted over a few epochs of the `NeighbourBatchSampler` the demo trains with."""
+    from c2f.training.sampling import NeighbourBatchSampler
+
+    captions = captions_by_image(dataset)
+    image_ids = dataset["image_id"]
+    sampler = NeighbourBatchSampler(image_ids, dataset["caption"], batch_size, seed=0)
+    hits = total = 0
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        rows = list(sampler)
+        for start in range(0, len(rows), batch_size):
+            batch = [int(image_ids[row]) for row in rows[start : start + batch_size]]
+            for image in batch:
+                hits += any(other != image and are_siblings(captions[image], captions[other]) for other in batch)
+                total += 1
+    return hits / total
 
 
 @torch.no_grad()
@@ -91,7 +111,9 @@ def main():
     print(f"| SIC ranks the right one higher | {100 * pairs['sic'] / max(pairs['total'], 1):.0f}% |")
     print(f"| SIM ranks the right one higher | {100 * pairs['sim'] / max(pairs['total'], 1):.0f}% |")
     print(f"| training images with a sibling in training | {100 * with_sibling:.0f}% |")
-    print(f"| chance a batch of {args.batch} holds that sibling (SIM's only source of such negatives) | {100 * in_batch:.1f}% |")
+    print(f"| chance a random batch of {args.batch} holds that sibling (SIM's only source of such negatives) | {100 * in_batch:.1f}% |")
+    neighbour = sibling_share_in_neighbour_batches(load_demo("train"), args.batch)
+    print(f"| share of clips whose neighbour batch (the demo default) holds a sibling of their image | {100 * neighbour:.1f}% |")
 
 
 if __name__ == "__main__":

@@ -58,7 +58,8 @@ def main():
     parser.add_argument("--queries", type=int, default=100, help="queries for recall@10")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--methods", nargs="+", default=["ivf", "hnsw"], choices=["ivf", "hnsw"])
+    parser.add_argument("--methods", nargs="*", default=["ivf", "hnsw"], choices=["ivf", "hnsw"],
+                        help="approximate modes to measure (none: the exact search only)")
     parser.add_argument("--neighbours", type=int, default=16, help="HNSW links a node")
     parser.add_argument("--ef_search", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--keep", action="store_true", help="keep the index folder")

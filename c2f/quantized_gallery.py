@@ -1,9 +1,10 @@
 """Gallery embeddings stored as two int8 planes, and exact top-k inner-product search over them.
 
 Why not float16: on a CPU without half-precision arithmetic (AVX2, like our 2-core test machine) a float16
-matrix-vector product is compute-bound, 47 ms over 1M x 256, and a float32 one reads twice the bytes. An int8 x int8
--> int32 dot product over the same gallery takes 15 ms (measured; see `benchmarks/search_bench.py`). So the scan runs on
-int8 codes, and a short list is then re-scored exactly.
+matrix-vector product is compute-bound, 36 ms over 1M x 256, and a float32 one reads twice the bytes. An int8 x int8
+-> int32 dot product over the same gallery takes 11 ms, 1.1x the time the memory needs to deliver its 256 MB
+(`c2f/int8_scan.py`; measured by `benchmarks/search_bench.py`). So the scan runs on int8 codes, and a short list is
+then re-scored exactly.
 
 Each row `x` is stored as `x = s * (codes + residuals / 254)` with `s = max|x| / 127`: `codes` is `x` rounded to 255
 levels, `residuals` the rounding error rounded to 255 more. The two planes (2 bytes a value, as float16) hold about 15
@@ -19,24 +20,26 @@ the (unrounded) queries against the codes converted a chunk at a time, which BLA
 CPUs. `best_kernel` measures the two once per machine and batch size and keeps the answer; the bound holds for both.
 """
 
+import functools
 import json
 import os
 import platform
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .int8_scan import int8_scores, scan_kernel
+from .int8_scan import ROWS_PER_BLOCK, int8_scores, scan_kernel
 
 RESIDUAL_LEVELS = 254
 # Rows re-scored exactly at first. On 1M random 256-d rows, 64 left the bound unsure for 3 queries in 256 (each costs
 # a second scan); 128 for none.
 SHORTLIST_MIN, SHORTLIST_PER_RESULT = 128, 4
-# Approximate scores held at once: bounds the scan's buffers (int32, then float32) to 128 MB whatever the batch and
-# gallery size.
-CHUNK_SCORES = 16 * 2**20
+# Approximate scores held at once: bounds the scan's buffer to 16 MB whatever the batch and gallery size (the
+# buffer is kept per thread, see `_score_buffer`).
+CHUNK_SCORES = 4 * 2**20
 # Rows dequantised at once when the bound asks for more than the short list (float32: 64 MB at 256-d).
 RESCORE_ROWS = 65_536
 TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.float32,
@@ -44,6 +47,7 @@ TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.f
 # Rows the float32 kernel converts from int8 at once (32 MB of float32 at 256-d).
 GEMM_ROWS = 32_768
 KERNELS = ("int8", "float32")
+_reused = threading.local()
 # A lone query's scores are ranked in this many pieces at once (see `_top_columns`).
 TOPK_PIECES = 4
 # Where the measured kernel choice is kept, beside numba's cache of the int8 kernel.
@@ -102,6 +106,12 @@ class QuantizedEmbeddings:
             raise ValueError(f"{source}: tensors disagree on the number of items: {rows}")
         return gallery
 
+    @functools.cached_property
+    def _largest_norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(max code norm, max residual norm)`, for every search's bound: two passes over 4 MB a query at 1M rows
+        otherwise. The planes are never changed in place (`concat` and `select` make new galleries)."""
+        return self.code_norms.max(), self.residual_norms.max()
+
     def tensors(self) -> dict[str, torch.Tensor]:
         return {name: getattr(self, name) for name in TENSOR_DTYPES}
 
@@ -132,27 +142,28 @@ class QuantizedEmbeddings:
 
     def _approximate_chunks(self, queries: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor,
                             chunk_scores: int, kernel: str = "int8"):
-        """Yields `(first_row, scores [Q, rows])` of the approximate scan over the first plane, chunk by chunk; `scores`
-        is overwritten by the next chunk (one buffer for all chunks, rather than a fresh 64 MB one that page-faults in
-        every chunk).
+        """Yields `(first_row, scores [Q, rows], block maxima or None)` of the approximate scan over the first plane,
+        chunk by chunk; `scores` is overwritten by the next chunk (one buffer for all chunks, rather than a fresh 64 MB
+        one that page-faults in every chunk). The int8 kernel also returns each block's maximum (see `_top_columns`).
 
         `int8`: the int8 query against the int8 codes (numba); `float32`: the float query against the codes converted
         a chunk at a time, through BLAS (the faster one for large batches on some machines). Both are within the
         stored bound of the exact score, since the float kernel leaves out the query's rounding term."""
-        rows_per_chunk = min(len(self), max(1, chunk_scores // len(query_codes)))
+        rows_per_chunk = min(len(self), max(1, min(chunk_scores, CHUNK_SCORES) // len(query_codes)))
         if kernel == "float32":
             rows_per_chunk = min(rows_per_chunk, GEMM_ROWS)
-        buffer = torch.empty(len(query_codes), rows_per_chunk)
+        buffer = _score_buffer(len(query_codes), rows_per_chunk)
         for start in range(0, len(self), rows_per_chunk):
             end = min(start + rows_per_chunk, len(self))
             out = buffer if end - start == rows_per_chunk else torch.empty(len(query_codes), end - start)
+            block_max = None
             if kernel == "float32":
                 torch.mm(queries, self.codes[start:end].float().t(), out=out)
                 out.mul_(self.scales[start:end])
             else:
-                int8_scores(self.codes[start:end].numpy(), self.scales[start:end].numpy(), query_codes.numpy(),
-                            query_scales.numpy(), out.numpy())
-            yield start, out
+                block_max = torch.from_numpy(int8_scores(self.codes[start:end].numpy(), self.scales[start:end].numpy(),
+                                                         query_codes.numpy(), query_scales.numpy(), out.numpy()))
+            yield start, out, block_max
 
     def _exact(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """`queries [Q, D]` against their own `rows [Q, R]` -> `[Q, R]`."""
@@ -174,12 +185,12 @@ class QuantizedEmbeddings:
         shortlist = min(len(self), max(SHORTLIST_MIN, SHORTLIST_PER_RESULT * top_k))
         query_codes, query_scales = _int8_rows(queries)
         rounding = (queries - query_scales[:, None] * query_codes.float()).norm(dim=1)
-        slack = queries.norm(dim=1) * self.residual_norms.max() + rounding * self.code_norms.max()
+        slack = queries.norm(dim=1) * self._largest_norms[1] + rounding * self._largest_norms[0]
         slack = slack * (1 + 1e-4) + 1e-6  # float32 rounding in the scan and the re-scoring
 
         kept_scores, kept_rows = None, None
-        for start, scores in self._approximate_chunks(queries, query_codes, query_scales, chunk_scores, kernel):
-            scores, rows = _top_columns(scores, min(shortlist, scores.shape[1]))
+        for start, scores, block_max in self._approximate_chunks(queries, query_codes, query_scales, chunk_scores, kernel):
+            scores, rows = _top_columns(scores, min(shortlist, scores.shape[1]), block_max)
             rows += start
             if kept_scores is not None:
                 scores, order = torch.cat([kept_scores, scores], dim=1).topk(shortlist, dim=1)
@@ -196,7 +207,7 @@ class QuantizedEmbeddings:
             threshold = best[query, -1] - slack[query]
             vector = queries[query : query + 1]
             found_scores, found_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-            for start, scores in self._approximate_chunks(vector, query_codes[query : query + 1], query_scales[query : query + 1],
+            for start, scores, _ in self._approximate_chunks(vector, query_codes[query : query + 1], query_scales[query : query + 1],
                                                           chunk_scores, kernel):
                 candidates = (scores[0] >= threshold).nonzero().flatten() + start
                 for piece in candidates.split(RESCORE_ROWS):
@@ -208,11 +219,36 @@ class QuantizedEmbeddings:
         return best, best_rows
 
 
-def _top_columns(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.topk(k, dim=1)` (order within the k aside). torch runs one row's topk on one thread, so one or two
-    queries over many rows are cut into TOPK_PIECES pieces a query first, and the winners of the pieces compared
-    after: over 1M scores 1.8 ms instead of 5.5, next to a 10 ms scan."""
+def _score_buffer(queries: int, rows: int) -> torch.Tensor:
+    """A `[queries, rows]` float32 buffer for a scan's scores (CHUNK_SCORES, or more for a batch of more queries
+    than that), kept per thread and reused by the next search: a fresh 4 MB buffer page-faults in at every touch,
+    1.8 ms of a 15 ms one-query search over 1M rows."""
+    kept = getattr(_reused, "scores", None)
+    if kept is None or kept.numel() < queries * rows:
+        kept = _reused.scores = torch.empty(max(CHUNK_SCORES, queries * rows))
+    return kept[: queries * rows].view(queries, rows)
+
+
+def _top_columns(scores: torch.Tensor, k: int, block_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`scores.topk(k, dim=1)` (order within the k aside), for a scan's scores. torch runs one row's topk on one
+    thread, 5.5 ms over 1M scores next to a 10 ms scan, so for a few queries:
+    - with the scan's block maxima (`block_max [Q, blocks]`, int8 kernel): the k-th largest block maximum is a lower
+      bound of the k-th largest score (k blocks reach it, each with a row), so only the blocks whose maximum reaches
+      it can hold the top k, and only their rows are ranked;
+    - without: each query's scores are cut into TOPK_PIECES pieces, ranked on all threads, the winners compared after
+      (1.8 ms over 1M)."""
     queries, rows = scores.shape
+    if block_max is not None and queries <= TOPK_PIECES and block_max.shape[1] > k:
+        threshold = block_max.topk(k, dim=1).values[:, -1]
+        best, columns = [], []
+        for query in range(queries):
+            blocks = (block_max[query] >= threshold[query]).nonzero().flatten()
+            candidates = (blocks[:, None] * ROWS_PER_BLOCK + torch.arange(ROWS_PER_BLOCK)).flatten()
+            candidates = candidates[candidates < rows]
+            top, order = scores[query, candidates].topk(k)
+            best.append(top)
+            columns.append(candidates[order])
+        return torch.stack(best), torch.stack(columns)
     pieces = max(1, TOPK_PIECES // queries)
     width = rows // pieces
     if pieces == 1 or width < 8 * k:
@@ -240,7 +276,7 @@ def measure_kernels(num_queries: int, dim: int, rows: int = 262_144, repeats: in
     timings = {}
     for kernel in KERNELS:
         scan = lambda: [scores.topk(SHORTLIST_MIN, dim=1)
-                        for _, scores in sample._approximate_chunks(queries, query_codes, query_scales, CHUNK_SCORES, kernel)]
+                        for _, scores, _ in sample._approximate_chunks(queries, query_codes, query_scales, CHUNK_SCORES, kernel)]
         scan()  # warm-up (and numba's compilation or cache load)
         samples = []
         for _ in range(repeats):

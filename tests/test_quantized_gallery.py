@@ -122,16 +122,27 @@ def test_both_scan_kernels_give_the_exact_integer_products(dim):
     assert scan_kernel(dim) == kernels[-1]
     for kernel in kernels:
         out = np.empty((3, 301), np.float32)
-        int8_scores(codes, scales, queries, query_scales, out, kernel=kernel)
+        block_max = int8_scores(codes, scales, queries, query_scales, out, kernel=kernel)
         np.testing.assert_allclose(out, expected, rtol=1e-6)
+        padded = np.pad(out, ((0, 0), (0, -301 % 64)), constant_values=-np.inf)
+        np.testing.assert_array_equal(block_max, padded.reshape(3, -1, 64).max(axis=2))
     with pytest.raises(ValueError, match="32 bytes at a time"):
         int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, 301), np.float32), kernel="avx2")
 
 
-@pytest.mark.parametrize("queries, rows, k", [(1, 10_003, 50), (2, 4_000, 7), (1, 100, 20), (5, 999, 9)])
-def test_top_columns_in_pieces_is_topk(queries, rows, k):
+@pytest.mark.parametrize("queries, rows, k", [(1, 10_003, 50), (2, 4_000, 7), (1, 100, 20), (5, 999, 9), (3, 64 * 40, 60)])
+@pytest.mark.parametrize("with_block_maxima", [False, True])
+def test_top_columns_in_pieces_or_by_block_maxima_is_topk(queries, rows, k, with_block_maxima):
+    from c2f.int8_scan import ROWS_PER_BLOCK
+
     scores = torch.randn(queries, rows, generator=torch.Generator().manual_seed(rows))
-    best, columns = quantized_gallery._top_columns(scores, k)
+    scores[:, 5 * ROWS_PER_BLOCK : 6 * ROWS_PER_BLOCK] += 3  # one block holds many of the best
+    block_max = None
+    if with_block_maxima:
+        padded = torch.nn.functional.pad(scores, (0, -rows % ROWS_PER_BLOCK), value=-float("inf"))
+        block_max = padded.view(queries, -1, ROWS_PER_BLOCK).amax(dim=2)
+    best, columns = quantized_gallery._top_columns(scores, k, block_max)
     expected = scores.topk(k, dim=1)
-    assert torch.equal(best, expected.values) and torch.equal(scores.gather(1, columns), best)
+    assert torch.equal(best.sort(dim=1).values, expected.values.sort(dim=1).values)
+    assert torch.equal(scores.gather(1, columns), best)
     assert torch.equal(columns.sort(dim=1).values, expected.indices.sort(dim=1).values)
