@@ -48,8 +48,8 @@ TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.f
 GEMM_ROWS = 32_768
 KERNELS = ("int8", "float32")
 _reused = threading.local()
-# A lone query's scores are ranked in this many pieces at once (see `_top_columns`).
-TOPK_PIECES = 4
+# Up to this many queries rank only the scan's candidate blocks (see `_top_columns`); more keep torch's threads busy.
+BLOCK_TOPK_QUERIES = 4
 # Where the measured kernel choice is kept, beside numba's cache of the int8 kernel.
 KERNEL_CHOICES = Path(__file__).with_name("__pycache__") / "c2f_search_kernels.json"
 _kernel_choices: dict[str, str] | None = None
@@ -230,35 +230,24 @@ def _score_buffer(queries: int, rows: int) -> torch.Tensor:
 
 
 def _top_columns(scores: torch.Tensor, k: int, block_max: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`scores.topk(k, dim=1)` (order within the k aside), for a scan's scores. torch runs one row's topk on one
-    thread, 5.5 ms over 1M scores next to a 10 ms scan, so for a few queries:
-    - with the scan's block maxima (`block_max [Q, blocks]`, int8 kernel): the k-th largest block maximum is a lower
-      bound of the k-th largest score (k blocks reach it, each with a row), so only the blocks whose maximum reaches
-      it can hold the top k, and only their rows are ranked;
-    - without: each query's scores are cut into TOPK_PIECES pieces, ranked on all threads, the winners compared after
-      (1.8 ms over 1M)."""
+    """`scores.topk(k, dim=1)` (order within the k aside), for a scan's scores. torch ranks one row on one thread,
+    5.5 ms over 1M scores next to a 10 ms scan, so for a few queries with the int8 scan's block maxima
+    (`block_max [Q, blocks]`): the k-th largest block maximum is a lower bound of the k-th largest score (k blocks
+    reach it, each with a row), so only the blocks whose maximum reaches it can hold the top k, and only their rows
+    are ranked."""
     queries, rows = scores.shape
-    if block_max is not None and queries <= TOPK_PIECES and block_max.shape[1] > k:
-        threshold = block_max.topk(k, dim=1).values[:, -1]
-        best, columns = [], []
-        for query in range(queries):
-            blocks = (block_max[query] >= threshold[query]).nonzero().flatten()
-            candidates = (blocks[:, None] * ROWS_PER_BLOCK + torch.arange(ROWS_PER_BLOCK)).flatten()
-            candidates = candidates[candidates < rows]
-            top, order = scores[query, candidates].topk(k)
-            best.append(top)
-            columns.append(candidates[order])
-        return torch.stack(best), torch.stack(columns)
-    pieces = max(1, TOPK_PIECES // queries)
-    width = rows // pieces
-    if pieces == 1 or width < 8 * k:
+    if block_max is None or queries > BLOCK_TOPK_QUERIES or block_max.shape[1] <= k:
         return scores.topk(k, dim=1)
-    head_scores, head_rows = scores[:, : width * pieces].reshape(queries * pieces, width).topk(k, dim=1)
-    head_rows = head_rows.view(queries, pieces, k) + torch.arange(0, width * pieces, width).view(1, pieces, 1)
-    tail = torch.arange(width * pieces, rows).expand(queries, -1)
-    candidates = torch.cat([head_scores.view(queries, -1), scores[:, width * pieces :]], dim=1)
-    best, order = candidates.topk(k, dim=1)
-    return best, torch.cat([head_rows.view(queries, -1), tail], dim=1).gather(1, order)
+    threshold = block_max.topk(k, dim=1).values[:, -1]
+    best, columns = [], []
+    for query in range(queries):
+        blocks = (block_max[query] >= threshold[query]).nonzero().flatten()
+        candidates = (blocks[:, None] * ROWS_PER_BLOCK + torch.arange(ROWS_PER_BLOCK)).flatten()
+        candidates = candidates[candidates < rows]
+        top, order = scores[query, candidates].topk(k)
+        best.append(top)
+        columns.append(candidates[order])
+    return torch.stack(best), torch.stack(columns)
 
 
 def _bucket(num_queries: int) -> int:
