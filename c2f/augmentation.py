@@ -24,9 +24,11 @@ class _SeededByBatch:
     seed: int
     batch_number: int
 
+    def _reset_draws(self) -> None:
+        self.generator = torch.Generator()
+        self.batch_number = 0
+
     def _start_batch(self) -> None:
-        if not hasattr(self, "generator"):
-            self.generator = torch.Generator()
         self.generator.manual_seed(int(np.random.SeedSequence([self.seed, self.batch_number]).generate_state(1)[0]))
         self.batch_number += 1
 
@@ -56,8 +58,7 @@ class SpeechAugmentation(_SeededByBatch):
             raise ValueError(f"SpeechAugmentation.noise_probability must be in [0, 1], got {self.noise_probability}")
         if self.noise_snr_db[0] > self.noise_snr_db[1]:
             raise ValueError(f"SpeechAugmentation.noise_snr_db must be (low, high), got {self.noise_snr_db}")
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.batch_number = 0
+        self._reset_draws()
 
     def augment_batch(self, waveforms: list[np.ndarray], sampling_rate: int) -> list[np.ndarray]:
         """Augment one batch with the draws of batch number `self.batch_number`, then count it."""
@@ -96,8 +97,7 @@ class ImageAugmentation(_SeededByBatch):
     def __post_init__(self):
         if not 0 <= self.max_shift < 0.5:
             raise ValueError(f"ImageAugmentation.max_shift must be in [0, 0.5), got {self.max_shift}")
-        self.generator = torch.Generator().manual_seed(self.seed)
-        self.batch_number = 0
+        self._reset_draws()
 
     def augment_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`[batch, channels, height, width]` -> the same shape, shifted, with the draws of batch `self.batch_number`."""

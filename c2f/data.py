@@ -297,9 +297,11 @@ class SpeechImageCollator:
 
     With `image_features` (an `ImageFeatureCache` of a frozen tower) images are not decoded at all: the batch carries
     `image_hidden_states` instead of `pixel_values`; likewise `speech_features` (a `SpeechFeatureCache` of a frozen
-    HuBERT) gives `speech_hidden_states` + `speech_frame_mask` instead of `input_values`. With `augmentation` (a `SpeechAugmentation`) each clip is
-    perturbed after decoding, and with `image_augmentation` (an `ImageAugmentation`) each training image is shifted. `decoded_cache_bytes` keeps decoded waveforms (and preprocessed images) in memory up to
-    that size, so later epochs skip decoding: decoding Opus in the collator cost about 40% of a demo training step.
+    HuBERT) gives `speech_hidden_states` + `speech_frame_mask` instead of `input_values`. With `augmentation` (a
+    `SpeechAugmentation`) each clip is perturbed after decoding, and with `image_augmentation` (an
+    `ImageAugmentation`) each training image is shifted. `decoded_cache_bytes` keeps decoded waveforms (and
+    preprocessed images) in memory up to that size, so later epochs skip decoding: decoding Opus in the collator cost
+    about 40% of a demo training step.
     """
 
     def __init__(self, processor: C2FProcessor, max_audio_seconds: float | None = 15.0, image_features=None,

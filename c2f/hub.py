@@ -67,7 +67,7 @@ def training_summary(args, global_step: int, momentum_start_step: int) -> dict:
             "per_device_train_batch_size": args.per_device_train_batch_size, "world_size": args.world_size,
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_train_epochs": args.num_train_epochs,
             "max_steps": args.max_steps, "optimizer_steps_run": global_step, "seed": args.seed,
-            "neighbour_batches": bool(getattr(args, "neighbour_batches", False)),
+            "neighbour_batches": bool(args.neighbour_batches),
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         },
     )
