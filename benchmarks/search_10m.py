@@ -5,10 +5,10 @@
 Builds a `SpeechImageIndex` of clustered random 256-d rows (groups of 50 at cosine about 0.7 to their centre, the
 generator of `search_bench.py`) a block at a time, saves it, and loads it back (memory-mapped). Then, in this one run:
 the exact search at 1 / 8 / 64 queries beside the time one pass over the int8 plane takes at the read bandwidth
-measured here, and faiss's approximate modes (`use_faiss(approximate="ivf")` at a few probe counts, "hnsw" at a few
-search depths) with recall@10 against the exact top 10 and their build times.
+measured here, and the approximate modes (`use_faiss(approximate="pq")` at a few re-scoring depths, "ivf" at a few
+probe counts, "hnsw" at a few search depths) with recall@10 against the exact top 10 and their build times.
 The index folder needs about 5.6 GB of disk; it is removed at the end unless --keep. At 10M rows on 2 CPU cores the
-HNSW graph takes about 50 minutes to build and 22 GB of memory at its peak; `--methods ivf` leaves it out.
+HNSW graph takes about 50 minutes to build and 22 GB of memory at its peak; `--methods pq ivf` leaves it out.
 """
 
 import argparse
@@ -58,8 +58,10 @@ def main():
     parser.add_argument("--queries", type=int, default=100, help="queries for recall@10")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--methods", nargs="*", default=["ivf", "hnsw"], choices=["ivf", "hnsw"],
+    parser.add_argument("--methods", nargs="*", default=["pq", "ivf", "hnsw"], choices=["pq", "ivf", "hnsw"],
                         help="approximate modes to measure (none: the exact search only)")
+    parser.add_argument("--candidates", type=int, nargs="+", default=[256, 1024],
+                        help="rows the PQ scan hands to the exact re-scoring")
     parser.add_argument("--neighbours", type=int, default=16, help="HNSW links a node")
     parser.add_argument("--ef_search", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--keep", action="store_true", help="keep the index folder")
@@ -101,6 +103,16 @@ def main():
                       flush=True)
 
     built = {}
+    if "pq" in args.methods:
+        start = time.perf_counter()
+        index.use_faiss(approximate="pq", progress=False)
+        built["pq"] = time.perf_counter() - start
+        # Through the index's own search (the re-scoring included), as a user calls it.
+        approximate_rows(f"PQ scan ({index.faiss_index.count()} parts) + exact re-scoring",
+                         lambda q: (None, index.search_embeddings(torch.from_numpy(q), 10)[1].numpy()),
+                         [(f"{c} candidates", lambda c=c: setattr(index, "faiss_candidates", c)) for c in args.candidates])
+        index.faiss_index = index.faiss_candidates = None
+        gc.collect()
     if "ivf" in args.methods:
         start = time.perf_counter()
         index.use_faiss(approximate="ivf", progress=False)

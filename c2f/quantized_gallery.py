@@ -165,8 +165,9 @@ class QuantizedEmbeddings:
                                                          query_codes.numpy(), query_scales.numpy(), out.numpy()))
             yield start, out, block_max
 
-    def _exact(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """`queries [Q, D]` against their own `rows [Q, R]` -> `[Q, R]`."""
+    def exact_scores(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Exact float32 scores of `queries [Q, D]` against their own stored `rows [Q, R]` (both planes) -> `[Q, R]`:
+        how a short list from any first pass is re-scored."""
         return torch.einsum("qd,qrd->qr", queries, self.dequantize(rows))
 
     def top_k(self, queries: torch.Tensor, top_k: int, chunk_scores: int = CHUNK_SCORES,
@@ -196,7 +197,7 @@ class QuantizedEmbeddings:
                 scores, order = torch.cat([kept_scores, scores], dim=1).topk(shortlist, dim=1)
                 rows = torch.cat([kept_rows, rows], dim=1).gather(1, order)
             kept_scores, kept_rows = scores, rows
-        best, order = self._exact(queries, kept_rows).topk(top_k, dim=1)
+        best, order = self.exact_scores(queries, kept_rows).topk(top_k, dim=1)
         best_rows = kept_rows.gather(1, order)
         if shortlist == len(self):
             return best, best_rows
@@ -211,7 +212,7 @@ class QuantizedEmbeddings:
                                                           chunk_scores, kernel):
                 candidates = (scores[0] >= threshold).nonzero().flatten() + start
                 for piece in candidates.split(RESCORE_ROWS):
-                    found_scores = torch.cat([found_scores, self._exact(vector, piece[None])[0]])
+                    found_scores = torch.cat([found_scores, self.exact_scores(vector, piece[None])[0]])
                     found_rows = torch.cat([found_rows, piece])
                     found_scores, order = found_scores.topk(min(top_k, len(found_scores)))
                     found_rows = found_rows[order]

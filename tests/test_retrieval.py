@@ -100,7 +100,7 @@ def test_faiss_backend_gives_the_same_top_k(folders, model, processor):
     assert torch.equal(default[1], with_faiss[1]) and torch.allclose(default[0], with_faiss[0], atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["hnsw", "ivf"])
+@pytest.mark.parametrize("method", ["hnsw", "ivf", "pq"])
 def test_faiss_approximate_modes_keep_recall_on_clustered_rows(method):
     pytest.importorskip("faiss", reason="faiss is an optional extra")
     generator = torch.Generator().manual_seed(0)
@@ -109,12 +109,35 @@ def test_faiss_approximate_modes_keep_recall_on_clustered_rows(method):
     index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(3000)], "image", "test")
     queries = torch.nn.functional.normalize(rows[torch.randint(3000, (20,), generator=generator)] + 0.1 * torch.randn(20, 32, generator=generator), dim=1)
     exact = index.search_embeddings(queries, 10)[1]
-    index.use_faiss(approximate=method, rows_per_shard=700, probes=4, progress=False)  # five shards; IVF scans 4 of 54 cells
+    # Five shards; IVF scans 4 of 54 cells; PQ (2 bytes a row at 32-d) re-scores 300 of 3000 rows.
+    index.use_faiss(approximate=method, rows_per_shard=700, probes=4, candidates=300, progress=False)
     assert index.faiss_index.ntotal == 3000
-    assert type(index.faiss_index).__name__ == {"hnsw": "IndexHNSWFlat", "ivf": "IndexIVFScalarQuantizer"}[method]
-    found = index.search_embeddings(queries, 10)[1]
+    kind = {"hnsw": "IndexHNSWFlat", "ivf": "IndexIVFScalarQuantizer", "pq": "IndexShards"}[method]
+    assert type(index.faiss_index).__name__ == kind
+    scores, found = index.search_embeddings(queries, 10)
     recall = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
     assert recall >= 0.95
+    if method == "pq":  # re-scored from the stored rows: exact scores, best first
+        assert torch.allclose(scores, index.gallery.exact_scores(queries, found), atol=1e-6)
+        assert torch.all(scores[:, :-1] >= scores[:, 1:])
+
+
+def test_pq_mode_numbers_rows_across_its_parts():
+    """The PQ scan is split into one part per thread; a row found in the second part must come back as its row in the
+    gallery, not its row in the part."""
+    pytest.importorskip("faiss", reason="faiss is an optional extra")
+    generator = torch.Generator().manual_seed(1)
+    rows = torch.nn.functional.normalize(torch.randn(4000, 16, generator=generator), dim=1)
+    index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(4000)], "image", "test")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        index.use_faiss(approximate="pq", candidates=64, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert index.faiss_index.count() == 2
+    picked = torch.tensor([5, 1999, 2000, 3999])
+    assert torch.equal(index.search_embeddings(rows[picked], 1)[1].flatten(), picked)
 
 
 def test_faiss_rejects_an_unknown_approximate_mode():
