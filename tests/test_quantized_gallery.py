@@ -126,27 +126,50 @@ def test_both_scan_kernels_give_the_exact_integer_products(dim):
         np.testing.assert_allclose(out, expected, rtol=1e-6)
         padded = np.pad(out, ((0, 0), (0, -301 % 64)), constant_values=-np.inf)
         np.testing.assert_array_equal(block_max, padded.reshape(3, -1, 64).max(axis=2))
+        np.testing.assert_array_equal(int8_scores(codes, scales, queries, query_scales, None, kernel=kernel), block_max)
     with pytest.raises(ValueError, match="32 bytes at a time"):
         int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, 301), np.float32), kernel="avx2")
 
 
-@pytest.mark.parametrize("queries, rows, k", [(1, 10_003, 50), (2, 4_000, 7), (1, 100, 20), (5, 999, 9), (3, 64 * 40, 30)])
-@pytest.mark.parametrize("with_block_maxima", [False, True])
-def test_top_columns_by_block_maxima_is_topk(queries, rows, k, with_block_maxima):
+@pytest.mark.parametrize("queries, rows, k, pattern", [(1, 10_003, 50, "one block"), (2, 4_000, 7, "one block"),
+                                                      (1, 100, 20, "one block"), (3, 64 * 40, 30, "one per block"),
+                                                      (4, 64 * 40 + 17, 30, "one per block")])
+def test_top_rows_from_block_maxima_is_the_scans_topk(queries, rows, k, pattern):
+    """A scan that returns block maxima only, then scores the candidate blocks again, must rank as the full scan."""
     from c2f.int8_scan import ROWS_PER_BLOCK
+    from c2f.quantized_gallery import _int8_rows
 
     generator = torch.Generator().manual_seed(rows)
-    scores = torch.randn(queries, rows, generator=generator)
-    scores[:, 5 * ROWS_PER_BLOCK : 6 * ROWS_PER_BLOCK] += 3  # one block holds many of the best
-    if queries == 3:  # one high score per block: the top k are the k largest block maxima, the last one included
-        scores = -torch.rand(queries, rows, generator=generator)
-        scores[:, ::ROWS_PER_BLOCK] = torch.rand(queries, len(range(0, rows, ROWS_PER_BLOCK)), generator=generator)
-    block_max = None
-    if with_block_maxima:
-        padded = torch.nn.functional.pad(scores, (0, -rows % ROWS_PER_BLOCK), value=-float("inf"))
-        block_max = padded.view(queries, -1, ROWS_PER_BLOCK).amax(dim=2)
-    best, columns = quantized_gallery._top_columns(scores, k, block_max)
-    expected = scores.topk(k, dim=1)
+    query = torch.nn.functional.normalize(torch.randn(queries, 32, generator=generator), dim=1)
+    weight = torch.zeros(rows)
+    if pattern == "one block":  # one block holds many of the best
+        weight[5 * ROWS_PER_BLOCK : 6 * ROWS_PER_BLOCK] = 2
+    else:  # one high score per block: the top k are the k largest block maxima, the last one included
+        weight[::ROWS_PER_BLOCK] = 1 + torch.rand(len(range(0, rows, ROWS_PER_BLOCK)), generator=generator)
+    rows_ = weight[:, None] * query.sum(0) + torch.nn.functional.normalize(torch.randn(rows, 32, generator=generator), dim=1)
+    gallery = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(rows_, dim=1))
+    query_codes, query_scales = _int8_rows(query)
+    (_, scores, _), = gallery._approximate_chunks(query, query_codes, query_scales, 2**22, "int8")
+    (_, nothing, block_max), = gallery._approximate_chunks(query, query_codes, query_scales, 2**22, "int8", maxima_only=True)
+    assert nothing is None
+    best, columns = gallery._top_rows(0, block_max, k, query_codes, query_scales)
+    expected = scores.topk(min(k, rows), dim=1)
     assert torch.equal(best.sort(dim=1).values, expected.values.sort(dim=1).values)
     assert torch.equal(scores.gather(1, columns), best)
     assert torch.equal(columns.sort(dim=1).values, expected.indices.sort(dim=1).values)
+
+
+def test_top_k_over_chunks_of_block_maxima_is_exact():
+    """Many small chunks (whole blocks each, the last one partial) through the block-maxima path: still the exact
+    top k."""
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.nn.functional.normalize(torch.randn(20_011, 32, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(3, 32, generator=generator), dim=1)
+    # The first query's best rows sit just past 1,000 rows, where a chunk of 3,000 / 3 scores would end if chunks
+    # were not cut at whole blocks (a block straddling two chunks would bring its rows back twice).
+    embeddings[1_000:1_010] = torch.nn.functional.normalize(queries[0] + 0.1 * torch.randn(10, 32, generator=generator), dim=1)
+    gallery = QuantizedEmbeddings.quantize(embeddings)
+    best, rows = gallery.top_k(queries, 10, chunk_scores=3_000, kernel="int8")
+    expected = (queries @ gallery.dequantize().t()).topk(10, dim=1)
+    assert torch.equal(rows, expected.indices)
+    torch.testing.assert_close(best, expected.values)
