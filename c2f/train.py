@@ -221,6 +221,11 @@ def main(argv=None):
 
     if training_args.neighbour_batches is None:
         training_args.neighbour_batches = data_args.dataset == "demo"
+    if not training_args.use_sim and model_args.k_test is None and not training_args.evaluation_only:
+        # An untrained SIM head would re-rank at random in evaluation, in the pipeline and in the index: the saved
+        # model ranks by SIC alone unless --k_test asks otherwise.
+        logger.info("--use_sim false: the model is saved with k_test=0 (SIC ranking only)")
+        model_args.k_test = 0
     # Seeded before the model is built, so --seed fixes the initialisation too (Trainer seeds only later).
     set_seed(training_args.seed)
     model, processor = build_model_and_processor(model_args)

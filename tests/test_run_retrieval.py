@@ -120,18 +120,21 @@ def test_an_eval_strategy_still_trains_and_evaluation_only_is_explicit(tmp_path)
     """transformers turns do_eval on for any eval strategy; that once skipped training silently."""
     script = _load_script()
     common = ["--per_device_train_batch_size", "8", "--test_split", "validation", "--report_splits", "",
-              "--k_test", "0", "--skip_file_check", "true"]
+              "--skip_file_check", "true"]
     trained = tmp_path / "trained"
     script.main(["--output_dir", str(trained), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
-                 "--use_queue", "false", "--use_distillation", "false", *common])
+                 "--use_queue", "false", "--use_distillation", "false", "--use_sim", "false", *common])
     state = json.loads((trained / "trainer_state.json").read_text())
     assert (trained / "model.safetensors").is_file() and state["global_step"] == 2
     assert any("eval_s2i_R@1" in entry for entry in state["log_history"])  # evaluated during training, too
+    # Without SIM training the head is random: nothing re-ranks with it, in this run or where the model goes.
+    assert not any("eval_reranked_s2i_R@1" in entry for entry in state["log_history"])
+    assert json.loads((trained / "config.json").read_text())["k_test"] == 0
     assert json.loads((trained / "train_results.json").read_text())["epoch"] > 0
     evaluated = tmp_path / "evaluated"
     results = script.main(["--output_dir", str(evaluated), "--model_name_or_path", str(trained),
                            "--evaluation_only", "true", *common])
-    assert set(results) == {"demo validation"}
+    assert set(results) == {"demo validation"} and "reranked_s2i_R@1" not in results["demo validation"]
     assert not (evaluated / "model.safetensors").exists()  # nothing trained, nothing saved
 
 
