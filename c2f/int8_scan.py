@@ -26,6 +26,12 @@ from numba.extending import intrinsic
 # queries (twice as slow when the chunk width is a power of two, by cache-set conflicts).
 ROWS_PER_BLOCK = 64
 AVX2_STEP = 32
+# How far ahead of the row being scored its coming bytes are asked for (a non-temporal prefetch, one per cache line).
+# One query reads each row once and does little with it, so without the hint the cores wait on memory: over 1M x 256
+# the avx2 scan took 1.30-1.36x the time of one plain pass over the bytes, 1.11-1.16x with it (256 B to 4 KB ahead
+# measured: 1 KB was best). Issued once a row, not once a query, so batches pay nothing for it.
+PREFETCH_BYTES = 1024
+CACHE_LINE = 64
 # numba's default threading layer must not be entered from two Python threads at once.
 KERNEL_LOCK = threading.Lock()
 
@@ -51,35 +57,61 @@ _HAS_AVX2 = _host_has_avx2()
 
 
 @numba.njit(fastmath=True, cache=True, inline="always")
-def _scale_block(totals, start, end, block, scales, query_scales, out, block_max):  # pragma: no cover - compiled
-    """One block's int32 sums to scores in `out` (unless it has no columns: maxima only), and each query's maximum
-    over the block to `block_max`."""
+def _scale_block(totals, start, end, position, scales, query_scales, out, block_max):  # pragma: no cover - compiled
+    """The int32 sums of the block listed at `position` (rows `start` to `end`) to scores in `out`, from column
+    `position * ROWS_PER_BLOCK` on (unless `out` has no columns: maxima only), and each query's maximum over the block
+    to `block_max[:, position]`."""
     keep = out.shape[1] > 0
+    column = position * ROWS_PER_BLOCK - start
     for query in range(totals.shape[0]):
         best = -np.inf
         for row in range(start, end):
             value = np.float32(totals[query, row - start]) * scales[row] * query_scales[query]
             if keep:
-                out[query, row] = value
+                out[query, column + row] = value
             best = max(best, value)
-        block_max[query, block] = best
+        block_max[query, position] = best
+
+
+@intrinsic
+def _prefetch_ahead(typingctx, codes, row):
+    """Asks for the `dim` bytes `PREFETCH_BYTES` past the start of `codes[row]` (C-contiguous int8), one cache line at a
+    time. A prefetch is a hint: past the end of the array it reads nothing and cannot fault."""
+    signature = types.void(codes, row)
+
+    def codegen(context, builder, signature, arguments):
+        codes_value, row_value = arguments
+        codes_array = context.make_array(signature.args[0])(context, builder, codes_value)
+        dim = cgutils.unpack_tuple(builder, codes_array.shape, 2)[1]
+        intp = dim.type
+        bytes_pointer = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        prefetch = _llvm_function(builder.module, "llvm.prefetch.p0i8", ir.VoidType(), [bytes_pointer, int32, int32, int32])
+        ahead = builder.gep(codes_array.data, [builder.add(builder.mul(row_value, dim), ir.Constant(intp, PREFETCH_BYTES))])
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), dim, ir.Constant(intp, CACHE_LINE), intp) as (index, _):
+            # read (0), no temporal locality (0), data cache (1)
+            builder.call(prefetch, [builder.gep(ahead, [index]), ir.Constant(int32, 0), ir.Constant(int32, 0), ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+
+    return signature, codegen
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _portable_scores(codes, scales, query_codes, query_scales, out, block_max):  # pragma: no cover - compiled
+def _portable_scores(codes, scales, query_codes, query_scales, blocks, out, block_max):  # pragma: no cover - compiled
     rows, dim = codes.shape
     queries = query_codes.shape[0]
-    for block in numba.prange((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK):
-        start = block * ROWS_PER_BLOCK
+    for position in numba.prange(len(blocks)):
+        start = blocks[position] * ROWS_PER_BLOCK
         end = min(start + ROWS_PER_BLOCK, rows)
         totals = np.empty((queries, ROWS_PER_BLOCK), np.int32)
         for row in range(start, end):
+            _prefetch_ahead(codes, row)
             for query in range(queries):
                 total = np.int32(0)
                 for j in range(dim):
                     total += np.int32(codes[row, j]) * np.int32(query_codes[query, j])
                 totals[query, row - start] = total
-        _scale_block(totals, start, end, block, scales, query_scales, out, block_max)
+        _scale_block(totals, start, end, position, scales, query_scales, out, block_max)
 
 
 _I8x32 = ir.VectorType(ir.IntType(8), 32)
@@ -128,21 +160,22 @@ def _dot_avx2(typingctx, codes, row, query_magnitudes, query_codes, query):
 
 
 @numba.njit(parallel=True, fastmath=True, cache=True)
-def _avx2_scores(codes, scales, query_magnitudes, query_codes, query_scales, out, block_max):  # pragma: no cover - compiled
+def _avx2_scores(codes, scales, query_magnitudes, query_codes, query_scales, blocks, out, block_max):  # pragma: no cover - compiled
     rows = codes.shape[0]
     queries = query_codes.shape[0]
-    for block in numba.prange((rows + ROWS_PER_BLOCK - 1) // ROWS_PER_BLOCK):
-        start = block * ROWS_PER_BLOCK
+    for position in numba.prange(len(blocks)):
+        start = blocks[position] * ROWS_PER_BLOCK
         end = min(start + ROWS_PER_BLOCK, rows)
         totals = np.empty((queries, ROWS_PER_BLOCK), np.int32)
         for row in range(start, end):
+            _prefetch_ahead(codes, row)
             for query in range(queries):
                 totals[query, row - start] = _dot_avx2(codes, row, query_magnitudes, query_codes, query)
-        _scale_block(totals, start, end, block, scales, query_scales, out, block_max)
+        _scale_block(totals, start, end, position, scales, query_scales, out, block_max)
 
 
 def int8_scores(codes: np.ndarray, scales: np.ndarray, query_codes: np.ndarray, query_scales: np.ndarray,
-                out: np.ndarray | None, kernel: str | None = None) -> np.ndarray:
+                out: np.ndarray | None, kernel: str | None = None, blocks: np.ndarray | None = None) -> np.ndarray:
     """`out[q, row] = scales[row] * query_scales[q] * (codes[row] . query_codes[q])`, all codes int8 in [-127, 127].
     Returns the maximum of each query's scores over each block of `ROWS_PER_BLOCK` rows, `[queries, blocks]`: the
     top-k of a row of scores lies in the blocks whose maxima are among the k largest, which a caller can rank
@@ -150,17 +183,21 @@ def int8_scores(codes: np.ndarray, scales: np.ndarray, query_codes: np.ndarray, 
     the few blocks it needs again (the same arithmetic, so the same numbers) leaves the 4 bytes a row of scores
     unwritten, 5% of a one-query scan.
 
-    `kernel` defaults to `scan_kernel(dim)`; both give the same numbers."""
+    `blocks` (int64 block numbers, default all) scores those blocks alone, in place: the i-th listed block's scores
+    go to columns `i * ROWS_PER_BLOCK` on (columns past the end of a short last block are left as they were), its
+    maxima to column i of the result. `kernel` defaults to `scan_kernel(dim)`; both give the same numbers."""
     kernel = kernel or scan_kernel(codes.shape[1])
     if kernel == "avx2" and codes.shape[1] % AVX2_STEP:
         raise ValueError(f"the avx2 kernel reads rows {AVX2_STEP} bytes at a time; these are {codes.shape[1]} wide")
     codes, query_codes = np.ascontiguousarray(codes), np.ascontiguousarray(query_codes)
     if out is None:
         out = np.empty((len(query_codes), 0), np.float32)
-    block_max = np.empty((len(query_codes), -(-len(codes) // ROWS_PER_BLOCK)), np.float32)
+    if blocks is None:
+        blocks = np.arange(-(-len(codes) // ROWS_PER_BLOCK), dtype=np.int64)
+    block_max = np.empty((len(query_codes), len(blocks)), np.float32)
     with KERNEL_LOCK:
         if kernel == "avx2":
-            _avx2_scores(codes, scales, np.abs(query_codes), query_codes, query_scales, out, block_max)
+            _avx2_scores(codes, scales, np.abs(query_codes), query_codes, query_scales, blocks, out, block_max)
         else:
-            _portable_scores(codes, scales, query_codes, query_scales, out, block_max)
+            _portable_scores(codes, scales, query_codes, query_scales, blocks, out, block_max)
     return block_max

@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .int8_scan import ROWS_PER_BLOCK, int8_scores, scan_kernel
@@ -169,36 +170,37 @@ class QuantizedEmbeddings:
 
     def _int8_scan(self, codes: torch.Tensor, scales: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor,
                    out: torch.Tensor | None) -> torch.Tensor:
-        """The int8 kernel over `codes` rows (a slice or a gather of this gallery's), scores into `out` unless None;
-        returns the block maxima."""
+        """The int8 kernel over a slice of this gallery's rows, scores into `out` unless None; returns the block maxima."""
         return torch.from_numpy(int8_scores(codes.numpy(), scales.numpy(), query_codes.numpy(), query_scales.numpy(),
                                             None if out is None else out.numpy()))
 
     def _top_rows(self, start: int, block_max: torch.Tensor, k: int, query_codes: torch.Tensor,
                   query_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The top `k` approximate scores of a chunk that came back as block maxima only (`block_max [Q, blocks]`),
-        and their chunk columns: the k-th largest block maximum is a lower bound of the k-th largest score (k blocks
-        reach it, each with a row), so only the blocks whose maximum reaches it can hold the top k, and only their
-        rows are scored again, by the same kernel (the same numbers)."""
-        chunk_rows = min(len(self) - start, block_max.shape[1] * ROWS_PER_BLOCK)
+        best first, and their chunk columns: the k-th largest block maximum is a lower bound of the k-th largest
+        score (k blocks reach it, each with a row), so only the blocks whose maximum reaches it can hold the top k,
+        and only they are scored again, in place, by the same kernel (the same numbers). In numpy: torch's per-call
+        cost on these few thousand numbers was most of the 1.6 ms this step took after a 1M-row scan."""
+        maxima = block_max.numpy()
+        blocks_in_chunk = maxima.shape[1]
+        chunk_rows = min(len(self) - start, blocks_in_chunk * ROWS_PER_BLOCK)
+        codes, scales = self.codes[start : start + chunk_rows].numpy(), self.scales[start : start + chunk_rows].numpy()
         k = min(k, chunk_rows)
-        if block_max.shape[1] > k:
-            threshold = block_max.topk(k, dim=1).values[:, -1]
-        else:  # as many blocks as results: all of them
-            threshold = torch.full((len(block_max),), -float("inf"))
-        best, columns = [], []
-        for query in range(len(block_max)):
-            blocks = (block_max[query] >= threshold[query]).nonzero().flatten()
-            candidates = (blocks[:, None] * ROWS_PER_BLOCK + torch.arange(ROWS_PER_BLOCK)).flatten()
-            candidates = candidates[candidates < chunk_rows]
-            rows, scores = candidates + start, torch.empty(1, len(candidates))
-            # index_select: 10x faster than indexing with a tensor for whole rows of int8
-            self._int8_scan(self.codes.index_select(0, rows), self.scales.index_select(0, rows),
-                            query_codes[query : query + 1], query_scales[query : query + 1], scores)
-            top, order = scores[0].topk(k)
-            best.append(top)
-            columns.append(candidates[order])
-        return torch.stack(best), torch.stack(columns)
+        best, columns = np.empty((len(maxima), k), np.float32), np.empty((len(maxima), k), np.int64)
+        for query in range(len(maxima)):
+            threshold = -np.inf  # as many blocks as results: all of them
+            if blocks_in_chunk > k:
+                threshold = np.partition(maxima[query], blocks_in_chunk - k)[blocks_in_chunk - k]
+            blocks = np.flatnonzero(maxima[query] >= threshold)
+            # -inf where a short last block leaves columns unscored: never among the top k (k rows are scored)
+            scores = np.full((1, len(blocks) * ROWS_PER_BLOCK), -np.inf, np.float32)
+            int8_scores(codes, scales, query_codes[query : query + 1].numpy(), query_scales[query : query + 1].numpy(),
+                        scores, blocks=blocks)
+            top = np.argpartition(scores[0], scores.shape[1] - k)[scores.shape[1] - k :]
+            top = top[np.argsort(-scores[0, top], kind="stable")]
+            best[query] = scores[0, top]
+            columns[query] = blocks[top // ROWS_PER_BLOCK] * ROWS_PER_BLOCK + top % ROWS_PER_BLOCK
+        return torch.from_numpy(best), torch.from_numpy(columns)
 
     def exact_scores(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact float32 scores of `queries [Q, D]` against their own stored `rows [Q, R]` (both planes) -> `[Q, R]`:
@@ -298,6 +300,12 @@ def measure_kernels(num_queries: int, dim: int, rows: int = 262_144, repeats: in
     return timings
 
 
+@functools.cache
+def _machine() -> str:
+    """What a kernel choice is kept for, asked once a process: `os.cpu_count()` alone took 0.1 ms a search here."""
+    return f"{platform.machine()}-{platform.processor() or 'cpu'}-{os.cpu_count()}cpu"
+
+
 def best_kernel(num_queries: int, dim: int) -> str:
     """The faster approximate scan for this batch size on this machine, measured once (about a second) and then kept
     in `KERNEL_CHOICES` (keyed by machine, threads and torch version), so later processes only read it. Which one wins
@@ -309,8 +317,8 @@ def best_kernel(num_queries: int, dim: int) -> str:
             _kernel_choices = json.loads(KERNEL_CHOICES.read_text())
         except (OSError, ValueError):
             _kernel_choices = {}
-    key = (f"{platform.machine()}-{platform.processor() or 'cpu'}-{os.cpu_count()}cpu-{torch.get_num_threads()}threads-"
-           f"torch{torch.__version__}-{scan_kernel(dim)}scan-{dim}d-{_bucket(num_queries)}q")
+    key = (f"{_machine()}-{torch.get_num_threads()}threads-torch{torch.__version__}-{scan_kernel(dim)}scan-{dim}d-"
+           f"{_bucket(num_queries)}q")
     if key not in _kernel_choices:
         timings = measure_kernels(_bucket(num_queries), dim)
         _kernel_choices[key] = min(timings, key=timings.get)

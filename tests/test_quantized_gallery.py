@@ -127,6 +127,13 @@ def test_both_scan_kernels_give_the_exact_integer_products(dim):
         padded = np.pad(out, ((0, 0), (0, -301 % 64)), constant_values=-np.inf)
         np.testing.assert_array_equal(block_max, padded.reshape(3, -1, 64).max(axis=2))
         np.testing.assert_array_equal(int8_scores(codes, scales, queries, query_scales, None, kernel=kernel), block_max)
+        # Listed blocks alone, in the order listed; the short last block leaves its missing columns as they were.
+        listed = np.full((3, 2 * 64), 7.0, np.float32)
+        maxima = int8_scores(codes, scales, queries, query_scales, listed, kernel=kernel, blocks=np.array([4, 0]))
+        np.testing.assert_array_equal(listed[:, : 301 - 256], out[:, 256:])
+        np.testing.assert_array_equal(listed[:, 301 - 256 : 64], 7.0)
+        np.testing.assert_array_equal(listed[:, 64:], out[:, :64])
+        np.testing.assert_array_equal(maxima, block_max[:, [4, 0]])
     with pytest.raises(ValueError, match="32 bytes at a time"):
         int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, 301), np.float32), kernel="avx2")
 
@@ -156,6 +163,7 @@ def test_top_rows_from_block_maxima_is_the_scans_topk(queries, rows, k, pattern)
     expected = scores.topk(min(k, rows), dim=1)
     assert torch.equal(best.sort(dim=1).values, expected.values.sort(dim=1).values)
     assert torch.equal(scores.gather(1, columns), best)
+    assert torch.equal(best, best.sort(dim=1, descending=True).values)  # best first: the caller's bound reads the last
     assert torch.equal(columns.sort(dim=1).values, expected.indices.sort(dim=1).values)
 
 
