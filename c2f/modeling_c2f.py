@@ -835,9 +835,18 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         image_output: C2FImageOutput,
         logits_per_speech: torch.Tensor,
         image_ids: torch.Tensor,
+        extra_images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         positives = same_image_mask(image_ids, image_ids)
-        negative_image_index = sample_hard_negatives(logits_per_speech, positives)
+        # Each clip's negative image is drawn from the batch's images and any `extra_images`, by the same similarity.
+        image_tokens, candidate_ids, speech_to_candidates = image_output.image_tokens, image_ids, logits_per_speech
+        if extra_images is not None:
+            extra_tokens, extra_embeds, extra_ids = extra_images
+            image_tokens = torch.cat([image_tokens, extra_tokens.to(image_tokens.dtype)])
+            candidate_ids = torch.cat([image_ids, extra_ids.to(image_ids.device)])
+            extra_logits = speech_output.speech_embeds.detach() @ extra_embeds.to(logits_per_speech.dtype).t()
+            speech_to_candidates = torch.cat([logits_per_speech, extra_logits / self.get_temperature().detach()], dim=1)
+        negative_image_index = sample_hard_negatives(speech_to_candidates, same_image_mask(image_ids, candidate_ids))
         negative_speech_index = sample_hard_negatives(logits_per_speech.t(), positives)
         batch_index = torch.arange(len(image_ids), device=image_ids.device)
         has_image_negative = negative_image_index >= 0
@@ -859,7 +868,7 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         logits = self.match_logits(
             speech_output.speech_tokens[speech_index],
             speech_output.speech_token_mask[speech_index],
-            image_output.image_tokens[image_index],
+            image_tokens[image_index],
         )
         return sim_loss(logits, labels), logits, labels
 
@@ -874,6 +883,7 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         image_ids: torch.Tensor | None = None,
         return_loss: bool | None = None,
         compute_sim_loss: bool = True,
+        sim_negative_images: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> C2FOutput | tuple:
@@ -889,6 +899,10 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
                 every row being its own image.
             return_loss: compute the in-batch `loss_sic`, and `loss_sim` over SIC-mined hard negatives.
             compute_sim_loss: with `return_loss`, whether to run the SIM head (it costs a multimodal forward).
+            sim_negative_images: `(image_tokens [N, 1 + patches, vision_hidden], image_embeds [N, embed_dim],
+                image_ids [N])` of images besides the batch (the trainer's queue of past ones) that SIM may draw each
+                clip's hard-negative image from, by the same SIC similarity. The clips' negatives for each image still
+                come from the batch.
 
         The model returns its two losses apart and no combined loss: how they are weighted, and which keys SIC sees
         beyond the batch (other ranks, a queue, momentum targets), is the training code's choice. `C2FTrainer` calls
@@ -910,7 +924,7 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             loss_sic = sic_loss(speech_embeds, image_embeds, image_ids, temperature)[0]
             if compute_sim_loss:
                 loss_sim, match_logits, match_labels = self._sim_loss_with_hard_negatives(
-                    speech_output, image_output, logits_per_speech.detach(), image_ids
+                    speech_output, image_output, logits_per_speech.detach(), image_ids, sim_negative_images
                 )
 
         output = C2FOutput(

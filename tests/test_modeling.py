@@ -103,6 +103,27 @@ def test_precomputed_image_hidden_states_give_the_same_embeddings(model, batch):
         assert torch.equal(model.get_image_features(image_hidden_states=hidden), model.get_image_features(batch["pixel_values"]))
 
 
+def test_sim_draws_clips_negative_images_from_the_extra_images_too(model, batch):
+    """Extra images (the trainer's queue) are more candidates for each clip's hard-negative image: scored by their own
+    tokens, never one of the clip's own image."""
+    model.eval()
+    same = torch.zeros(4, dtype=torch.long)  # one image for all four: the batch holds no negative at all
+    with torch.no_grad():
+        extra = model.encode_image(batch["pixel_values"][3:].flip(-1))  # an image unlike any in the batch
+        alone = model(**_inputs(batch), image_ids=same, return_loss=True)
+        assert alone.match_labels.tolist() == [1] * 4
+        # The same image again under its own id: a positive, never drawn.
+        own = model(**_inputs(batch), image_ids=same, return_loss=True,
+                    sim_negative_images=(extra.image_tokens, extra.image_embeds, torch.tensor([0])))
+        assert own.match_labels.tolist() == [1] * 4
+        out = model(**_inputs(batch), image_ids=same, return_loss=True,
+                    sim_negative_images=(extra.image_tokens, extra.image_embeds, torch.tensor([99])))
+        speech = out.speech_output
+        expected = model.match_logits(speech.speech_tokens, speech.speech_token_mask, extra.image_tokens.expand(4, -1, -1))
+    assert out.match_labels.tolist() == [1] * 4 + [0] * 4  # each clip with the extra image; no clip for any image
+    torch.testing.assert_close(out.match_logits[4:], expected)
+
+
 def test_loss_decreases_on_a_fixed_batch(model, batch):
     torch.manual_seed(0)
     model.train()

@@ -74,3 +74,25 @@ def test_soft_targets_and_logits_share_their_keys_column_for_column():
     assert torch.allclose(image_to_speech, (online_image @ online.speech.t() / 0.1).softmax(dim=1))
     assert torch.allclose(speech_to_image.sum(dim=1), torch.ones(3))
     assert contrastive_keys(online_speech, online_image, ids).image_ids is ids  # no queue: the batch alone
+
+
+def test_sim_image_queue_wraps_sizes_itself_at_the_first_batch_and_round_trips():
+    from c2f.training import ImageTokenQueue
+
+    queue = ImageTokenQueue(5)
+    assert queue.items() is None and set(queue.state_dict()) == {"sim_queue.pointer", "sim_queue.filled"}
+    for step in range(3):  # 3 batches of 2 into 5 slots: the first image is overwritten
+        tokens = torch.full((2, 3, 4), float(step))
+        queue.enqueue(tokens, torch.full((2, 8), float(step)), torch.tensor([10 * step, 10 * step + 1]))
+    tokens, embeds, ids = queue.items()
+    assert tokens.shape == (5, 3, 4) and embeds.shape == (5, 8)
+    assert ids.tolist() == [21, 1, 10, 11, 20] and tokens[0].eq(2).all() and tokens[1].eq(0).all()
+    restored = ImageTokenQueue(5)
+    restored.load_state_dict(queue.state_dict())
+    assert restored.pointer == 1 and all(torch.equal(a, b) for a, b in zip(restored.items(), queue.items()))
+    with pytest.raises(ValueError, match="sim_queue_negatives must match"):
+        ImageTokenQueue(6).load_state_dict(queue.state_dict())
+    with pytest.raises(ValueError, match="without --sim_queue_negatives"):
+        ImageTokenQueue(5).load_state_dict({"queue.filled": torch.tensor(0)})
+    with pytest.raises(ValueError, match=r"sim_queue_negatives \(5\) must be at least"):
+        queue.enqueue(torch.zeros(6, 3, 4), torch.zeros(6, 8), torch.arange(6))

@@ -65,12 +65,36 @@ def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path, monkeypa
     assert trainer.queue.filled == 8  # filled from the first step, so it is full when it joins
 
 
+def test_sim_image_queue_adds_candidates_for_the_clips_negatives(tmp_path, monkeypatch):
+    import c2f.modeling_c2f as modeling
+
+    trainer = _trainer(tmp_path, max_steps=3, sim_queue_negatives=6)
+    widths, sample = [], modeling.sample_hard_negatives
+
+    def recording(logits, positive_mask, generator=None):
+        assert positive_mask.shape == logits.shape
+        widths.append(logits.shape[1])
+        return sample(logits, positive_mask, generator)
+
+    monkeypatch.setattr(modeling, "sample_hard_negatives", recording)
+    trainer.train()
+    # Each step: the clips' candidate images (the batch of 4, then the images queued so far), then each image's
+    # candidate clips (the batch alone).
+    assert widths == [4, 4, 4 + 4, 4, 4 + 6, 4]
+    tokens, embeds, ids = trainer.sim_queue.items()
+    assert tokens.shape[0] == embeds.shape[0] == len(ids) == 6 and (ids >= 0).all()
+    without_sim = _trainer(tmp_path / "no-sim", max_steps=1, use_sim=False, sim_queue_negatives=6)
+    without_sim._ensure_training_state()
+    assert without_sim.sim_queue is None  # nothing would read it
+
+
 def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):
     """With voice and image augmentation on (their draws are numbered by batch and continue from the checkpoint's
     step) and neighbour batches (drawn by epoch, the resumed epoch's first batches skipped)."""
     def trainer(folder, save_steps=None):
         return _trainer(tmp_path / folder, max_steps=6, save_steps=save_steps, augmentation=SpeechAugmentation(),
-                        image_augmentation=ImageAugmentation(seed=1), weight_ema=0.9, neighbour_batches=True)
+                        image_augmentation=ImageAugmentation(seed=1), weight_ema=0.9, neighbour_batches=True,
+                        sim_queue_negatives=6)
 
     straight = trainer("straight")
     straight.train()
@@ -89,6 +113,8 @@ def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):
         assert torch.allclose(expected, actual, atol=1e-6), name
     assert torch.allclose(straight.queue.speech, resumed.queue.speech, atol=1e-6)
     assert torch.equal(straight.queue.image_ids, resumed.queue.image_ids)
+    assert torch.equal(straight.sim_queue.image_ids, resumed.sim_queue.image_ids)
+    assert torch.allclose(straight.sim_queue.tokens, resumed.sim_queue.tokens, atol=1e-6)
     for (name, expected), actual in zip(straight.momentum_model.state_dict().items(), resumed.momentum_model.state_dict().values()):
         assert torch.allclose(expected, actual, atol=1e-6), name
 

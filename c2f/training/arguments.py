@@ -18,6 +18,7 @@ class C2FTrainingArguments(TrainingArguments):
     eval_rerank_k: int | None = field(default=None, metadata={"help": "SIM re-rank depth at evaluation (default: config.k_test)."})
     use_queue: bool = field(default=True, metadata={"help": "Use the momentum embedding queue as extra SIC negatives."})
     use_sim: bool = field(default=True, metadata={"help": "Train the SIM matching head with hard negatives."})
+    sim_queue_negatives: int = field(default=0, metadata={"help": "Draw SIM's hard-negative image for each clip from the batch and the last this many training images (their vision tokens kept on this rank), not the batch alone (0, as ALBEF). Each costs (1 + patches) x vision width floats."})
     use_distillation: bool = field(default=True, metadata={"help": "Mix momentum soft targets into the SIC targets."})
     neighbour_batches: bool = field(default=False, metadata={"help": "Build each training batch from pairs: a random clip and a clip of an image whose caption is among its nearest (TF-IDF), so SIC and SIM meet hard negatives in every batch. Needs caption text."})
     batch_neighbours: int = field(default=3, metadata={"help": "With neighbour_batches: a partner image is drawn from this many nearest captions."})

@@ -13,7 +13,7 @@ from ..evaluation import evaluate_retrieval
 from ..modeling_c2f import sic_loss
 from .contrastive import contrastive_keys, distillation_targets, gather_with_grad
 from .momentum import MomentumModel
-from .queue import EmbeddingQueue
+from .queue import EmbeddingQueue, ImageTokenQueue
 from .sampling import NeighbourBatchSampler
 
 STATE_FILE = "c2f_training_state.safetensors"
@@ -84,6 +84,7 @@ class C2FTrainer(Trainer):
         self.momentum_model: MomentumModel | None = None
         self.weight_ema: MomentumModel | None = None
         self.queue: EmbeddingQueue | None = None
+        self.sim_queue: ImageTokenQueue | None = None
         self._training_state_ready = False
         self._steps_per_epoch: int | None = None
         self._log_sums: dict[str, torch.Tensor | float] = {}
@@ -100,6 +101,8 @@ class C2FTrainer(Trainer):
         args = self.args
         if args.weight_ema > 0:
             self.weight_ema = MomentumModel(model, args.weight_ema, prefix="weight_ema.", warmup=True)
+        if args.use_sim and args.sim_queue_negatives > 0:
+            self.sim_queue = ImageTokenQueue(args.sim_queue_negatives)
         if not (args.use_queue or args.use_distillation):
             return  # nothing reads momentum features: no copy to build and update every step
         # It only embeds (queue features, soft targets): the SIM layers are neither copied nor averaged.
@@ -112,8 +115,9 @@ class C2FTrainer(Trainer):
         state = dict(self.momentum_model.state_dict()) if self.momentum_model is not None else {}
         if self.weight_ema is not None:
             state.update(self.weight_ema.state_dict())
-        if self.queue is not None:
-            state.update(self.queue.state_dict())
+        for queue in (self.queue, self.sim_queue):
+            if queue is not None:
+                state.update(queue.state_dict())
         return {name: tensor.detach().cpu().contiguous() for name, tensor in state.items()}
 
     def _save_optimizer_and_scheduler(self, output_dir):
@@ -144,6 +148,8 @@ class C2FTrainer(Trainer):
                 average.load_state_dict(state)
         if self.queue is not None:
             self.queue.load_state_dict({k: v.to(self.queue.speech.device) for k, v in state.items() if k.startswith("queue.")})
+        if self.sim_queue is not None:
+            self.sim_queue.load_state_dict(state, next(self.accelerator.unwrap_model(self.model).parameters()).device)
         steps = int(json.loads(Path(resume_from_checkpoint, TRAINER_STATE_NAME).read_text())["global_step"])
         for name in ("augmentation", "image_augmentation"):
             augmentation = getattr(self.data_collator, name, None)
@@ -196,13 +202,16 @@ class C2FTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`sic + sim_loss_weight * sim`, where SIC scores the batch against `[batch of all ranks, queue]` with the
-        momentum model's soft targets mixed in, and SIM is the model's own (its weights must run inside `forward`)."""
+        momentum model's soft targets mixed in, and SIM is the model's own (its weights must run inside `forward`), handed
+        the SIM image queue's past images as more candidates for its hard negatives when there is one."""
         self._ensure_training_state()
         args = self.args
         image_ids = inputs["image_ids"]
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
         speech_inputs = {key: inputs[key] for key in SPEECH_INPUTS if key in inputs}
-        outputs = model(**speech_inputs, **image_inputs, image_ids=image_ids, return_loss=True, compute_sim_loss=args.use_sim)
+        sim_negatives = self.sim_queue.items() if self.sim_queue is not None else None
+        outputs = model(**speech_inputs, **image_inputs, image_ids=image_ids, return_loss=True, compute_sim_loss=args.use_sim,
+                        sim_negative_images=sim_negatives)
 
         queue = self.queue.keys() if self.queue is not None and self.momentum_started() else None
         alpha = self.current_alpha()
@@ -229,6 +238,8 @@ class C2FTrainer(Trainer):
             self._remember_for_logs(loss_sic, outputs, alpha)
         if filling:
             self.queue.enqueue(all_speech, all_image, all_ids)
+        if self.sim_queue is not None and model.training:
+            self.sim_queue.enqueue(outputs.image_output.image_tokens, outputs.image_embeds, image_ids)
         return (loss, outputs) if return_outputs else loss
 
     def _remember_for_logs(self, loss_sic: torch.Tensor, outputs, alpha: float) -> None:
