@@ -76,6 +76,7 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
     expected = round(results["demo validation"]["reranked_s2i_R@1"], 2)
     assert reported[("demo", "validation", "speech→image R@1")] == expected
     assert "Reconstruction notes" in card and "someone/c2f-tiny" in card
+    assert "negatives are sampled from the SIC similarities over the batch." in card  # no SIM image queue in this run
     # The card tells what ran: 2 steps end long before the queue and distillation would join (epoch 16).
     assert metadata["pipeline_tag"] == "feature-extraction" and "datasets" not in metadata  # demo: no Hub dataset id
     assert "2 optimizer steps" in card and "but the run ended at step 2, so it never ran" in card
