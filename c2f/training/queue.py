@@ -5,67 +5,85 @@ import torch
 
 
 class _Ring:
-    """Slots written in turn, the oldest overwritten first; the first `filled` hold items."""
+    """Row-aligned tensors (`FIELDS`, image ids last) written a batch at a time into `size` slots in turn, the oldest
+    overwritten first; only the first `filled` slots hold items. A field still None is sized by the first batch."""
 
-    def __init__(self, size: int, name: str):
-        self.size, self.name = size, name
+    FIELDS: tuple[str, ...]
+    PREFIX: str  # of the checkpoint tensors
+    SIZE_ARGUMENT: str  # the training argument that sets `size`, named in errors
+    DESCRIPTION: str
+
+    def __init__(self, size: int):
+        self.size = size
         self.pointer = 0
         self.filled = 0
 
-    def _next_positions(self, count: int, device: torch.device) -> torch.Tensor:
+    def _filled_items(self) -> tuple[torch.Tensor, ...] | None:
+        if self.filled == 0:
+            return None
+        return tuple(getattr(self, field)[: self.filled] for field in self.FIELDS)
+
+    @torch.no_grad()
+    def enqueue(self, *rows: torch.Tensor) -> None:
+        count = len(rows[-1])
         if count > self.size:
-            raise ValueError(f"{self.name} ({self.size}) must be at least the global batch size ({count})")
-        positions = (self.pointer + torch.arange(count, device=device)) % self.size
+            raise ValueError(f"{self.SIZE_ARGUMENT} ({self.size}) must be at least the global batch size ({count})")
+        for field, values in zip(self.FIELDS, rows):
+            if getattr(self, field) is None:
+                empty = -1 if field == "image_ids" else 0
+                setattr(self, field, torch.full((self.size, *values.shape[1:]), empty, dtype=values.dtype, device=values.device))
+        positions = (self.pointer + torch.arange(count, device=self.image_ids.device)) % self.size
+        for field, values in zip(self.FIELDS, rows):
+            buffer = getattr(self, field)
+            buffer[positions] = values.detach().to(buffer)
         self.pointer = (self.pointer + count) % self.size
         self.filled = min(self.size, self.filled + count)
-        return positions
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"pointer": torch.tensor(self.pointer), "filled": torch.tensor(self.filled)}
+        state.update({field: getattr(self, field) for field in self.FIELDS if getattr(self, field) is not None})
+        return {self.PREFIX + name: tensor for name, tensor in state.items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
+        state = {name[len(self.PREFIX):]: tensor for name, tensor in state.items() if name.startswith(self.PREFIX)}
+        if "filled" not in state:
+            raise ValueError(f"the checkpoint holds no {self.DESCRIPTION}: it was saved by a run without --{self.SIZE_ARGUMENT}")
+        for field in self.FIELDS:
+            if field not in state:  # saved before its first batch
+                continue
+            saved, current = state[field], getattr(self, field)
+            expected = current.shape if current is not None else (self.size, *saved.shape[1:])
+            if saved.shape != expected:
+                raise ValueError(f"checkpoint {self.DESCRIPTION} has shape {tuple(saved.shape)}, this run expects "
+                                 f"{tuple(expected)}: {self.SIZE_ARGUMENT} must match the run being resumed, and so "
+                                 "must the feature sizes")
+            if current is None:
+                setattr(self, field, saved.to(device))
+            else:
+                current.copy_(saved)
+        self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
 
 
 class EmbeddingQueue(_Ring):
-    """A ring buffer of (speech, image, image id) momentum features.
+    """A ring buffer of (speech, image, image id) momentum features, float32 whatever the batch's precision.
 
     Only the filled part is used as keys: an unfilled slot would be a fake negative. Every rank enqueues the same
     all-gathered features, so the queues stay identical across ranks.
     """
 
+    FIELDS = ("speech", "image", "image_ids")
+    PREFIX = "queue."
+    SIZE_ARGUMENT = "queue_size"
+    DESCRIPTION = "embedding queue"
+
     def __init__(self, size: int, dim: int, device: torch.device | str = "cpu"):
-        super().__init__(size, "queue_size")
+        super().__init__(size)
         self.speech = torch.zeros(size, dim, device=device)
         self.image = torch.zeros(size, dim, device=device)
         self.image_ids = torch.full((size,), -1, dtype=torch.long, device=device)
 
     def keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if self.filled == 0:
-            return None
-        return self.speech[: self.filled], self.image[: self.filled], self.image_ids[: self.filled]
-
-    @torch.no_grad()
-    def enqueue(self, speech: torch.Tensor, image: torch.Tensor, image_ids: torch.Tensor) -> None:
-        positions = self._next_positions(len(image_ids), self.image_ids.device)
-        self.speech[positions] = speech.detach().to(self.speech)
-        self.image[positions] = image.detach().to(self.image)
-        self.image_ids[positions] = image_ids.to(self.image_ids)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "queue.speech": self.speech,
-            "queue.image": self.image,
-            "queue.image_ids": self.image_ids,
-            "queue.pointer": torch.tensor(self.pointer),
-            "queue.filled": torch.tensor(self.filled),
-        }
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        if state["queue.speech"].shape != self.speech.shape:
-            raise ValueError(
-                f"checkpoint queue has shape {tuple(state['queue.speech'].shape)}, this run expects "
-                f"{tuple(self.speech.shape)}: queue_size and embed_dim must match the run being resumed"
-            )
-        self.speech.copy_(state["queue.speech"])
-        self.image.copy_(state["queue.image"])
-        self.image_ids.copy_(state["queue.image_ids"])
-        self.pointer = int(state["queue.pointer"])
-        self.filled = int(state["queue.filled"])
+        return self._filled_items()
 
 
 class ImageTokenQueue(_Ring):
@@ -75,44 +93,16 @@ class ImageTokenQueue(_Ring):
     gather every step). Sized at the first batch, whose tokens give the shape: `(1 + patches) x vision width` floats
     an item."""
 
+    FIELDS = ("tokens", "embeds", "image_ids")
     PREFIX = "sim_queue."
+    SIZE_ARGUMENT = "sim_queue_negatives"
+    DESCRIPTION = "SIM image queue"
 
     def __init__(self, size: int):
-        super().__init__(size, "sim_queue_negatives")
+        super().__init__(size)
         self.tokens: torch.Tensor | None = None
         self.embeds: torch.Tensor | None = None
         self.image_ids: torch.Tensor | None = None
 
     def items(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if self.filled == 0:
-            return None
-        return self.tokens[: self.filled], self.embeds[: self.filled], self.image_ids[: self.filled]
-
-    @torch.no_grad()
-    def enqueue(self, tokens: torch.Tensor, embeds: torch.Tensor, image_ids: torch.Tensor) -> None:
-        if self.tokens is None:
-            self.tokens = tokens.new_zeros(self.size, *tokens.shape[1:])
-            self.embeds = embeds.new_zeros(self.size, *embeds.shape[1:])
-            self.image_ids = torch.full((self.size,), -1, dtype=torch.long, device=image_ids.device)
-        positions = self._next_positions(len(image_ids), self.image_ids.device)
-        self.tokens[positions] = tokens.detach().to(self.tokens)
-        self.embeds[positions] = embeds.detach().to(self.embeds)
-        self.image_ids[positions] = image_ids.to(self.image_ids)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        state = {"pointer": torch.tensor(self.pointer), "filled": torch.tensor(self.filled)}
-        if self.tokens is not None:
-            state.update(tokens=self.tokens, embeds=self.embeds, image_ids=self.image_ids)
-        return {self.PREFIX + name: tensor for name, tensor in state.items()}
-
-    def load_state_dict(self, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> None:
-        state = {name[len(self.PREFIX):]: tensor for name, tensor in state.items() if name.startswith(self.PREFIX)}
-        if "filled" not in state:
-            raise ValueError("the checkpoint holds no SIM image queue: it was saved by a run without --sim_queue_negatives")
-        if "tokens" in state and len(state["tokens"]) != self.size:
-            raise ValueError(f"checkpoint SIM image queue holds {len(state['tokens'])} images, this run expects "
-                             f"{self.size}: sim_queue_negatives must match the run being resumed")
-        self.pointer, self.filled = int(state["pointer"]), int(state["filled"])
-        if "tokens" in state:
-            self.tokens, self.embeds = state["tokens"].to(device), state["embeds"].to(device)
-            self.image_ids = state["image_ids"].to(device)
+        return self._filled_items()

@@ -147,7 +147,7 @@ class C2FTrainer(Trainer):
             if average is not None:
                 average.load_state_dict(state)
         if self.queue is not None:
-            self.queue.load_state_dict({k: v.to(self.queue.speech.device) for k, v in state.items() if k.startswith("queue.")})
+            self.queue.load_state_dict(state)
         if self.sim_queue is not None:
             self.sim_queue.load_state_dict(state, next(self.accelerator.unwrap_model(self.model).parameters()).device)
         steps = int(json.loads(Path(resume_from_checkpoint, TRAINER_STATE_NAME).read_text())["global_step"])
