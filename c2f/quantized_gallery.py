@@ -165,14 +165,10 @@ class QuantizedEmbeddings:
                 torch.mm(queries, self.codes[start:end].float().t(), out=out)
                 out.mul_(self.scales[start:end])
             else:
-                block_max = self._int8_scan(self.codes[start:end], self.scales[start:end], query_codes, query_scales, out)
+                block_max = torch.from_numpy(int8_scores(
+                    self.codes[start:end].numpy(), self.scales[start:end].numpy(), query_codes.numpy(),
+                    query_scales.numpy(), None if out is None else out.numpy()))
             yield start, out, block_max
-
-    def _int8_scan(self, codes: torch.Tensor, scales: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor,
-                   out: torch.Tensor | None) -> torch.Tensor:
-        """The int8 kernel over a slice of this gallery's rows, scores into `out` unless None; returns the block maxima."""
-        return torch.from_numpy(int8_scores(codes.numpy(), scales.numpy(), query_codes.numpy(), query_scales.numpy(),
-                                            None if out is None else out.numpy()))
 
     def _top_rows(self, start: int, block_max: torch.Tensor, k: int, query_codes: torch.Tensor,
                   query_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
