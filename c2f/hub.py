@@ -61,7 +61,7 @@ def training_summary(args, global_step: int, momentum_start_step: int) -> dict:
         distillation_ran=args.use_distillation and global_step > momentum_start_step,
         sim=args.use_sim,
         sim_negatives_from=(f"the batch and the last {args.sim_queue_negatives} training images"
-                            if getattr(args, "sim_queue_negatives", 0) else "the batch"),
+                            if args.sim_queue_negatives else "the batch"),
         queue_size=args.queue_size, momentum=args.momentum, distill_alpha=args.distill_alpha,
         hyperparameters={
             "learning_rate": args.learning_rate, "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),

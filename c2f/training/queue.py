@@ -18,7 +18,8 @@ class _Ring:
         self.pointer = 0
         self.filled = 0
 
-    def _filled_items(self) -> tuple[torch.Tensor, ...] | None:
+    def items(self) -> tuple[torch.Tensor, ...] | None:
+        """The filled slots of each field, in `FIELDS` order (None while empty: an unfilled slot is no item)."""
         if self.filled == 0:
             return None
         return tuple(getattr(self, field)[: self.filled] for field in self.FIELDS)
@@ -83,7 +84,8 @@ class EmbeddingQueue(_Ring):
         self.image_ids = torch.full((size,), -1, dtype=torch.long, device=device)
 
     def keys(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        return self._filled_items()
+        """`(speech, image, image ids)` of the filled slots: SIC's extra keys."""
+        return self.items()
 
 
 class ImageTokenQueue(_Ring):
@@ -103,6 +105,3 @@ class ImageTokenQueue(_Ring):
         self.tokens: torch.Tensor | None = None
         self.embeds: torch.Tensor | None = None
         self.image_ids: torch.Tensor | None = None
-
-    def items(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        return self._filled_items()
