@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .int8_scan import ROWS_PER_BLOCK, int8_scores, scan_kernel
+from .int8_scan import int8_best, int8_scores, scan_kernel
 
 RESIDUAL_LEVELS = 254
 # Rows re-scored exactly at first. On 1M random 256-d rows, 64 left the bound unsure for 3 queries in 256 (each costs
@@ -49,8 +49,8 @@ TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.f
 GEMM_ROWS = 32_768
 KERNELS = ("int8", "float32")
 _reused = threading.local()
-# Up to this many queries rank only the scan's candidate blocks (see `_top_rows`); more keep torch's threads busy.
-BLOCK_TOPK_QUERIES = 4
+# Up to this many queries, the scan keeps its best rows itself (`int8_best`); more keep torch's threads busy ranking.
+HEAP_QUERIES = 4
 # Where the measured kernel choice is kept, beside numba's cache of the int8 kernel.
 KERNEL_CHOICES = Path(__file__).with_name("__pycache__") / "c2f_search_kernels.json"
 _kernel_choices: dict[str, str] | None = None
@@ -142,61 +142,46 @@ class QuantizedEmbeddings:
     # ------------------------------------------------------------------ search
 
     def _approximate_chunks(self, queries: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor,
-                            chunk_scores: int, kernel: str = "int8", maxima_only: bool = False):
-        """Yields `(first_row, scores [Q, rows], block maxima or None)` of the approximate scan over the first plane,
-        chunk by chunk; `scores` is overwritten by the next chunk (one buffer for all chunks, rather than a fresh 64 MB
-        one that page-faults in every chunk). The int8 kernel also returns each block's maximum (see `_top_rows`);
-        with `maxima_only` it returns nothing else (`scores` is None).
+                            chunk_scores: int, kernel: str = "int8"):
+        """Yields `(first_row, scores [Q, rows])` of the approximate scan over the first plane, chunk by chunk; `scores`
+        is overwritten by the next chunk (one buffer for all chunks, rather than a fresh 64 MB one that page-faults in
+        every chunk).
 
         `int8`: the int8 query against the int8 codes (numba); `float32`: the float query against the codes converted
         a chunk at a time, through BLAS (the faster one for large batches on some machines). Both are within the
         stored bound of the exact score, since the float kernel leaves out the query's rounding term."""
-        rows_per_chunk = max(1, min(chunk_scores, CHUNK_SCORES) // len(query_codes))
-        # Whole blocks a chunk, so a chunk's block maxima cover its rows and no other's.
-        rows_per_chunk = min(len(self), max(ROWS_PER_BLOCK, rows_per_chunk - rows_per_chunk % ROWS_PER_BLOCK))
+        rows_per_chunk = min(len(self), max(1, min(chunk_scores, CHUNK_SCORES) // len(query_codes)))
         if kernel == "float32":
             rows_per_chunk = min(rows_per_chunk, GEMM_ROWS)
-        buffer = None if maxima_only and kernel == "int8" else _score_buffer(len(query_codes), rows_per_chunk)
+        buffer = _score_buffer(len(query_codes), rows_per_chunk)
         for start in range(0, len(self), rows_per_chunk):
             end = min(start + rows_per_chunk, len(self))
-            out = buffer if buffer is None or end - start == rows_per_chunk else torch.empty(len(query_codes), end - start)
-            block_max = None
+            out = buffer if end - start == rows_per_chunk else torch.empty(len(query_codes), end - start)
             if kernel == "float32":
                 torch.mm(queries, self.codes[start:end].float().t(), out=out)
                 out.mul_(self.scales[start:end])
             else:
-                block_max = torch.from_numpy(int8_scores(
-                    self.codes[start:end].numpy(), self.scales[start:end].numpy(), query_codes.numpy(),
-                    query_scales.numpy(), None if out is None else out.numpy()))
-            yield start, out, block_max
+                int8_scores(self.codes[start:end].numpy(), self.scales[start:end].numpy(), query_codes.numpy(),
+                            query_scales.numpy(), out.numpy())
+            yield start, out
 
-    def _top_rows(self, start: int, block_max: torch.Tensor, k: int, query_codes: torch.Tensor,
-                  query_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The top `k` approximate scores of a chunk that came back as block maxima only (`block_max [Q, blocks]`),
-        best first, and their chunk columns: the k-th largest block maximum is a lower bound of the k-th largest
-        score (k blocks reach it, each with a row), so only the blocks whose maximum reaches it can hold the top k,
-        and only they are scored again, in place, by the same kernel (the same numbers). In numpy: torch's per-call
-        cost on these few thousand numbers was most of the 1.6 ms this step took after a 1M-row scan."""
-        maxima = block_max.numpy()
-        blocks_in_chunk = maxima.shape[1]
-        chunk_rows = min(len(self) - start, blocks_in_chunk * ROWS_PER_BLOCK)
-        codes, scales = self.codes[start : start + chunk_rows].numpy(), self.scales[start : start + chunk_rows].numpy()
-        k = min(k, chunk_rows)
-        best, columns = np.empty((len(maxima), k), np.float32), np.empty((len(maxima), k), np.int64)
-        for query in range(len(maxima)):
-            threshold = -np.inf  # as many blocks as results: all of them
-            if blocks_in_chunk > k:
-                threshold = np.partition(maxima[query], blocks_in_chunk - k)[blocks_in_chunk - k]
-            blocks = np.flatnonzero(maxima[query] >= threshold)
-            # -inf where a short last block leaves columns unscored: never among the top k (k rows are scored)
-            scores = np.full((1, len(blocks) * ROWS_PER_BLOCK), -np.inf, np.float32)
-            int8_scores(codes, scales, query_codes[query : query + 1].numpy(), query_scales[query : query + 1].numpy(),
-                        scores, blocks=blocks)
-            top = np.argpartition(scores[0], scores.shape[1] - k)[scores.shape[1] - k :]
-            top = top[np.argsort(-scores[0, top], kind="stable")]
-            best[query] = scores[0, top]
-            columns[query] = blocks[top // ROWS_PER_BLOCK] * ROWS_PER_BLOCK + top % ROWS_PER_BLOCK
-        return torch.from_numpy(best), torch.from_numpy(columns)
+    def _shortlist(self, queries: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor, shortlist: int,
+                   chunk_scores: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first pass: the `shortlist` best approximate scores of each query and their rows, best first."""
+        if kernel == "int8" and len(queries) <= HEAP_QUERIES:
+            # A few queries: one pass that keeps each thread's best rows and writes no scores (`int8_best`).
+            return tuple(torch.from_numpy(array) for array in int8_best(
+                self.codes.numpy(), self.scales.numpy(), query_codes.numpy(), query_scales.numpy(), shortlist))
+        # More queries keep torch's threads busy ranking every score of a chunk.
+        kept_scores, kept_rows = None, None
+        for start, scores in self._approximate_chunks(queries, query_codes, query_scales, chunk_scores, kernel):
+            scores, rows = scores.topk(min(shortlist, scores.shape[1]), dim=1)
+            rows += start
+            if kept_scores is not None:
+                scores, order = torch.cat([kept_scores, scores], dim=1).topk(shortlist, dim=1)
+                rows = torch.cat([kept_rows, rows], dim=1).gather(1, order)
+            kept_scores, kept_rows = scores, rows
+        return kept_scores, kept_rows
 
     def exact_scores(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact float32 scores of `queries [Q, D]` against their own stored `rows [Q, R]` (both planes) -> `[Q, R]`:
@@ -222,21 +207,7 @@ class QuantizedEmbeddings:
         slack = queries.norm(dim=1) * self._largest_norms[1] + rounding * self._largest_norms[0]
         slack = slack * (1 + 1e-4) + 1e-6  # float32 rounding in the scan and the re-scoring
 
-        kept_scores, kept_rows = None, None
-        # A few queries: the scan returns block maxima only, and the candidate blocks are scored again (`_top_rows`);
-        # more queries keep torch's threads busy ranking every score.
-        maxima_only = len(queries) <= BLOCK_TOPK_QUERIES and len(self) > shortlist * ROWS_PER_BLOCK
-        for start, scores, block_max in self._approximate_chunks(queries, query_codes, query_scales, chunk_scores, kernel,
-                                                                 maxima_only):
-            if scores is None:
-                scores, rows = self._top_rows(start, block_max, shortlist, query_codes, query_scales)
-            else:
-                scores, rows = scores.topk(min(shortlist, scores.shape[1]), dim=1)
-            rows += start
-            if kept_scores is not None:
-                scores, order = torch.cat([kept_scores, scores], dim=1).topk(shortlist, dim=1)
-                rows = torch.cat([kept_rows, rows], dim=1).gather(1, order)
-            kept_scores, kept_rows = scores, rows
+        kept_scores, kept_rows = self._shortlist(queries, query_codes, query_scales, shortlist, chunk_scores, kernel)
         best, order = self.exact_scores(queries, kept_rows).topk(top_k, dim=1)
         best_rows = kept_rows.gather(1, order)
         if shortlist == len(self):
@@ -248,7 +219,7 @@ class QuantizedEmbeddings:
             threshold = best[query, -1] - slack[query]
             vector = queries[query : query + 1]
             found_scores, found_rows = torch.empty(0), torch.empty(0, dtype=torch.long)
-            for start, scores, _ in self._approximate_chunks(vector, query_codes[query : query + 1], query_scales[query : query + 1],
+            for start, scores in self._approximate_chunks(vector, query_codes[query : query + 1], query_scales[query : query + 1],
                                                           chunk_scores, kernel):
                 candidates = (scores[0] >= threshold).nonzero().flatten() + start
                 for piece in candidates.split(RESCORE_ROWS):
@@ -276,16 +247,14 @@ def _bucket(num_queries: int) -> int:
 
 
 def measure_kernels(num_queries: int, dim: int, rows: int = 262_144, repeats: int = 3) -> dict[str, float]:
-    """Milliseconds per approximate scan of `rows` random rows by each kernel, for `num_queries` queries: a sample
-    big enough (64 MB of int8 at 256-d) to leave the caches, as a real gallery does."""
+    """Milliseconds per search of `rows` random rows with each kernel as its first pass, for `num_queries` queries: a
+    sample big enough (64 MB of int8 at 256-d) to leave the caches, as a real gallery does."""
     generator = torch.Generator().manual_seed(0)
     sample = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(torch.randn(rows, dim, generator=generator), dim=1))
     queries = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=generator), dim=1)
-    query_codes, query_scales = _int8_rows(queries)
     timings = {}
     for kernel in KERNELS:
-        scan = lambda: [scores.topk(SHORTLIST_MIN, dim=1)
-                        for _, scores, _ in sample._approximate_chunks(queries, query_codes, query_scales, CHUNK_SCORES, kernel)]
+        scan = lambda: sample.top_k(queries, 10, kernel=kernel)
         scan()  # warm-up (and numba's compilation or cache load)
         samples = []
         for _ in range(repeats):

@@ -15,14 +15,27 @@ def brute_force(queries, gallery: QuantizedEmbeddings, top_k):
 
 
 def count_scans(monkeypatch) -> list:
+    """Queries per pass over the gallery, as `("first", Q)` for the short list and `("bound", Q)` for the rows the
+    bound could not rule out."""
     scans = []
-    original = QuantizedEmbeddings._approximate_chunks
+    first, chunks = QuantizedEmbeddings._shortlist, QuantizedEmbeddings._approximate_chunks
+    in_first = []
 
-    def counted(self, *args):
-        scans.append(len(args[0]))
-        return original(self, *args)
+    def counted_first(self, queries, *args):
+        scans.append(("first", len(queries)))
+        in_first.append(True)
+        try:
+            return first(self, queries, *args)
+        finally:
+            in_first.pop()
 
-    monkeypatch.setattr(QuantizedEmbeddings, "_approximate_chunks", counted)
+    def counted_chunks(self, queries, *args):
+        if not in_first:
+            scans.append(("bound", len(queries)))
+        return chunks(self, queries, *args)
+
+    monkeypatch.setattr(QuantizedEmbeddings, "_shortlist", counted_first)
+    monkeypatch.setattr(QuantizedEmbeddings, "_approximate_chunks", counted_chunks)
     return scans
 
 
@@ -49,7 +62,7 @@ def test_top_k_is_brute_force_in_chunks(monkeypatch, kernel):
         scores, rows = gallery.top_k(batch, 7, chunk_scores=4000, kernel=kernel)
         exact = brute_force(batch, gallery, 7)
         assert torch.equal(rows, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
-    assert scans == [1, 9]  # one scan each: the short list was enough
+    assert scans == [("first", 1), ("first", 9)]  # one scan each: the short list was enough
     assert gallery.top_k(queries[:0], 7)[1].shape == (0, 7)
     scores, rows = gallery.top_k(queries[:2], 5000, kernel=kernel)
     assert rows.shape == (2, 3000) and torch.equal(rows, brute_force(queries[:2], gallery, 3000).indices)
@@ -70,7 +83,7 @@ def test_rows_the_int8_scan_cannot_separate_are_rescored(monkeypatch, kernel):
     scores, found = gallery.top_k(query, 5, chunk_scores=256, kernel=kernel)
     exact = brute_force(query, gallery, 5)
     assert torch.equal(found, exact.indices) and torch.allclose(scores, exact.values, atol=1e-6)
-    assert scans == [1, 1]  # the bound asked for the second scan
+    assert scans == [("first", 1), ("bound", 1)]  # the bound asked for the second scan
 
 
 def test_the_kernel_is_measured_once_per_machine_and_batch_size_then_read_back(tmp_path, monkeypatch):
@@ -122,62 +135,61 @@ def test_both_scan_kernels_give_the_exact_integer_products(dim):
     assert scan_kernel(dim) == kernels[-1]
     for kernel in kernels:
         out = np.empty((3, 301), np.float32)
-        block_max = int8_scores(codes, scales, queries, query_scales, out, kernel=kernel)
+        int8_scores(codes, scales, queries, query_scales, out, kernel=kernel)
         np.testing.assert_allclose(out, expected, rtol=1e-6)
-        padded = np.pad(out, ((0, 0), (0, -301 % 64)), constant_values=-np.inf)
-        np.testing.assert_array_equal(block_max, padded.reshape(3, -1, 64).max(axis=2))
-        np.testing.assert_array_equal(int8_scores(codes, scales, queries, query_scales, None, kernel=kernel), block_max)
-        # Listed blocks alone, in the order listed; the short last block leaves its missing columns as they were.
-        listed = np.full((3, 2 * 64), 7.0, np.float32)
-        maxima = int8_scores(codes, scales, queries, query_scales, listed, kernel=kernel, blocks=np.array([4, 0]))
-        np.testing.assert_array_equal(listed[:, : 301 - 256], out[:, 256:])
-        np.testing.assert_array_equal(listed[:, 301 - 256 : 64], 7.0)
-        np.testing.assert_array_equal(listed[:, 64:], out[:, :64])
-        np.testing.assert_array_equal(maxima, block_max[:, [4, 0]])
     with pytest.raises(ValueError, match="32 bytes at a time"):
         int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, 301), np.float32), kernel="avx2")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("queries, rows, k, pattern", [(1, 10_003, 50, "one block"), (2, 4_000, 7, "one block"),
-                                                      (1, 100, 20, "one block"), (3, 64 * 40, 30, "one per block"),
-                                                      (4, 64 * 40 + 17, 30, "one per block")])
-def test_top_rows_from_block_maxima_is_the_scans_topk(queries, rows, k, pattern):
-    """A scan that returns block maxima only, then scores the candidate blocks again, must rank as the full scan."""
-    from c2f.int8_scan import ROWS_PER_BLOCK
-    from c2f.quantized_gallery import _int8_rows
+                                                      (1, 100, 20, "one block"), (3, 64 * 40, 30, "ascending"),
+                                                      (4, 64 * 40 + 17, 300, "ascending"), (1, 70, 100, "ascending")])
+def test_the_scans_own_best_rows_are_the_full_scans_topk(queries, rows, k, pattern, threads):
+    """The one-pass short list (each thread's heap of its best rows, merged) ranks as the full scan would, best first:
+    with the best rows crowded into one thread's part, with scores rising row after row (every row enters the heap),
+    and with more wanted than a part holds, or than there are rows."""
+    import numba
+    import numpy as np
+
+    from c2f.int8_scan import int8_best, int8_scores
 
     generator = torch.Generator().manual_seed(rows)
     query = torch.nn.functional.normalize(torch.randn(queries, 32, generator=generator), dim=1)
     weight = torch.zeros(rows)
     if pattern == "one block":  # one block holds many of the best
-        weight[5 * ROWS_PER_BLOCK : 6 * ROWS_PER_BLOCK] = 2
-    else:  # one high score per block: the top k are the k largest block maxima, the last one included
-        weight[::ROWS_PER_BLOCK] = 1 + torch.rand(len(range(0, rows, ROWS_PER_BLOCK)), generator=generator)
+        weight[5 * 64 : 6 * 64] = 2
+    else:
+        weight = torch.linspace(0, 3, rows)
     rows_ = weight[:, None] * query.sum(0) + torch.nn.functional.normalize(torch.randn(rows, 32, generator=generator), dim=1)
     gallery = QuantizedEmbeddings.quantize(torch.nn.functional.normalize(rows_, dim=1))
-    query_codes, query_scales = _int8_rows(query)
-    (_, scores, _), = gallery._approximate_chunks(query, query_codes, query_scales, 2**22, "int8")
-    (_, nothing, block_max), = gallery._approximate_chunks(query, query_codes, query_scales, 2**22, "int8", maxima_only=True)
-    assert nothing is None
-    best, columns = gallery._top_rows(0, block_max, k, query_codes, query_scales)
-    expected = scores.topk(min(k, rows), dim=1)
-    assert torch.equal(best.sort(dim=1).values, expected.values.sort(dim=1).values)
-    assert torch.equal(scores.gather(1, columns), best)
-    assert torch.equal(best, best.sort(dim=1, descending=True).values)  # best first: the caller's bound reads the last
-    assert torch.equal(columns.sort(dim=1).values, expected.indices.sort(dim=1).values)
+    query_codes, query_scales = (tensor.numpy() for tensor in quantized_gallery._int8_rows(query))
+    codes, scales = gallery.codes.numpy(), gallery.scales.numpy()
+    scores = np.empty((queries, rows), np.float32)
+    int8_scores(codes, scales, query_codes, query_scales, scores)
+    default_threads = numba.get_num_threads()
+    numba.set_num_threads(threads)
+    try:
+        best, found = int8_best(codes, scales, query_codes, query_scales, k)
+    finally:
+        numba.set_num_threads(default_threads)
+    expected = torch.from_numpy(scores).topk(min(k, rows), dim=1)
+    assert best.shape == found.shape == (queries, min(k, rows))
+    np.testing.assert_array_equal(np.sort(best, axis=1), np.sort(expected.values.numpy(), axis=1))
+    np.testing.assert_array_equal(np.take_along_axis(scores, found, axis=1), best)
+    np.testing.assert_array_equal(best, -np.sort(-best, axis=1))  # best first: the caller's bound reads the last
+    np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(expected.indices.numpy(), axis=1))
 
 
-def test_top_k_over_chunks_of_block_maxima_is_exact():
-    """Many small chunks (whole blocks each, the last one partial) through the block-maxima path: still the exact
-    top k."""
+def test_top_k_over_chunks_is_exact():
+    """Many small chunks, the last one partial, for a batch that ranks every score: still the exact top k."""
     generator = torch.Generator().manual_seed(3)
     embeddings = torch.nn.functional.normalize(torch.randn(20_011, 32, generator=generator), dim=1)
-    queries = torch.nn.functional.normalize(torch.randn(3, 32, generator=generator), dim=1)
-    # The first query's best rows sit just past 1,000 rows, where a chunk of 3,000 / 3 scores would end if chunks
-    # were not cut at whole blocks (a block straddling two chunks would bring its rows back twice).
-    embeddings[1_000:1_010] = torch.nn.functional.normalize(queries[0] + 0.1 * torch.randn(10, 32, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(quantized_gallery.HEAP_QUERIES + 4, 32, generator=generator), dim=1)
+    # The first query's best rows straddle row 1,000, where a chunk of 8,000 / 8 scores ends.
+    embeddings[995:1_005] = torch.nn.functional.normalize(queries[0] + 0.1 * torch.randn(10, 32, generator=generator), dim=1)
     gallery = QuantizedEmbeddings.quantize(embeddings)
-    best, rows = gallery.top_k(queries, 10, chunk_scores=3_000, kernel="int8")
+    best, rows = gallery.top_k(queries, 10, chunk_scores=1_000 * len(queries), kernel="int8")
     expected = (queries @ gallery.dequantize().t()).topk(10, dim=1)
     assert torch.equal(rows, expected.indices)
     torch.testing.assert_close(best, expected.values)
