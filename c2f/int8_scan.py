@@ -32,6 +32,10 @@ AVX2_STEP = 32
 # measured: 1 KB was best). Issued once a row, not once a query, so batches pay nothing for it.
 PREFETCH_BYTES = 1024
 CACHE_LINE = 64
+# Fast-math without reassociation: a score must come out with the same bits whichever copy of the scaling loop LLVM
+# made (with and without the score writes, with and without the heaps, vectorised or not), so that the one-pass short
+# list holds the very numbers the full scan gives. With reassociation allowed they differed in the last bit.
+FASTMATH = {"nnan", "ninf", "nsz"}
 # numba's default threading layer must not be entered from two Python threads at once.
 KERNEL_LOCK = threading.Lock()
 
@@ -56,7 +60,7 @@ def scan_kernel(dim: int) -> str:
 _HAS_AVX2 = _host_has_avx2()
 
 
-@numba.njit(fastmath=True, cache=True, inline="always")
+@numba.njit(fastmath=FASTMATH, cache=True, inline="always")
 def _keep(value, row, best, best_rows, query):  # pragma: no cover - compiled
     """Puts a score that beats the smallest kept one (`best[query, 0]`) into that query's min-heap of the best so far."""
     size = best.shape[1]
@@ -74,7 +78,7 @@ def _keep(value, row, best, best_rows, query):  # pragma: no cover - compiled
     best[query, slot], best_rows[query, slot] = value, row
 
 
-@numba.njit(fastmath=True, cache=True, inline="always")
+@numba.njit(fastmath=FASTMATH, cache=True, inline="always")
 def _scale_block(totals, start, end, scales, query_scales, out, best, best_rows, values):  # pragma: no cover - compiled
     """The int32 sums of rows `start` to `end` to scores: into `out` (unless it has no columns), and into each query's
     heap of its best scores (unless the heaps hold none). A block whose best score does not beat the smallest kept one
@@ -119,7 +123,7 @@ def _prefetch_ahead(typingctx, codes, row):
     return signature, codegen
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _portable_scores(codes, scales, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
     rows, dim = codes.shape
     queries = query_codes.shape[0]
@@ -185,7 +189,7 @@ def _dot_avx2(typingctx, codes, row, query_magnitudes, query_codes, query):
     return signature, codegen
 
 
-@numba.njit(parallel=True, fastmath=True, cache=True)
+@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
 def _avx2_scores(codes, scales, query_magnitudes, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
     rows = codes.shape[0]
     queries = query_codes.shape[0]
