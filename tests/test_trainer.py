@@ -65,6 +65,28 @@ def test_momentum_start_holds_back_the_queue_and_distillation(tmp_path, monkeypa
     assert trainer.queue.filled == 8  # filled from the first step, so it is full when it joins
 
 
+@pytest.mark.parametrize("distill_temperature", [None, 0.3])
+def test_soft_targets_use_the_distillation_temperature(tmp_path, monkeypatch, distill_temperature):
+    """By default the soft targets are softmaxed at the online temperature (ALBEF); `distill_temperature` fixes it."""
+    trainer = _trainer(tmp_path, max_steps=3, distill_temperature=distill_temperature)
+    seen, targets = [], trainer_module.distillation_targets
+
+    def recording(speech, image, keys, temperature):
+        seen.append(float(temperature))
+        return targets(speech, image, keys, temperature)
+
+    monkeypatch.setattr(trainer_module, "distillation_targets", recording)
+    trainer.train()
+    online = float(trainer.model.get_temperature().detach())
+    assert len(seen) == 2  # alpha ramps from 0: no targets at the first step
+    if distill_temperature is None:
+        assert seen[-1] == pytest.approx(online, rel=0.05) and seen[-1] != 0.3
+    else:
+        assert seen == pytest.approx([0.3, 0.3]) and abs(online - 0.3) > 0.1
+    with pytest.raises(ValueError, match="--distill_temperature must be a positive temperature, got 0"):
+        C2FTrainingArguments(output_dir=str(tmp_path), distill_temperature=0)
+
+
 def test_sim_image_queue_adds_candidates_for_the_clips_negatives(tmp_path, monkeypatch):
     import c2f.modeling_c2f as modeling
 

@@ -11,6 +11,7 @@ class C2FTrainingArguments(TrainingArguments):
     queue_size: int = field(default=65536, metadata={"help": "SIC embedding queue length (a ring buffer: any size from the global batch size up)."})
     momentum: float = field(default=0.995, metadata={"help": "EMA factor of the momentum model, per optimizer step."})
     distill_alpha: float = field(default=0.4, metadata={"help": "Weight of the momentum model's soft SIC targets."})
+    distill_temperature: float | None = field(default=None, metadata={"help": "Temperature of the momentum model's soft targets (default: the online temperature, as ALBEF). Once the queue joins, the learnt temperature falls to about 0.01 on the demo, where the targets are almost one-hot."})
     alpha_warmup_epochs: float = field(default=1.0, metadata={"help": "Ramp alpha linearly from 0 over this many epochs (counted from momentum_start_epochs)."})
     momentum_start_epochs: float = field(default=0.0, metadata={"help": "SIC over the batch only for this many epochs; then the queue (filled all along) and the momentum soft targets join. For towers trained from scratch, whose momentum copy starts uninformative."})
     weight_ema: float = field(default=0.0, metadata={"help": "Keep an EMA of all trainable weights with this factor per step, and end training with it in place of the last weights (0: off). Not the momentum model, which only makes targets."})
@@ -25,3 +26,8 @@ class C2FTrainingArguments(TrainingArguments):
     remove_unused_columns: bool = field(default=False, metadata={"help": "Kept False: the collator needs the raw columns."})
     dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in page-locked memory (default: only when CUDA is there, which is the only case it helps and the only one without a warning)."})
     average_tokens_across_devices: bool = field(default=False, metadata={"help": "Kept False: c2f's loss is a per-batch mean."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.distill_temperature is not None and not self.distill_temperature > 0:
+            raise ValueError(f"--distill_temperature must be a positive temperature, got {self.distill_temperature}")

@@ -230,7 +230,9 @@ class C2FTrainer(Trainer):
                 all_speech, all_image = self._gather(momentum_speech), self._gather(momentum_image)
             if alpha > 0:
                 momentum_keys = contrastive_keys(all_speech, all_image, all_ids, queue)
-                targets = distillation_targets(momentum_speech, momentum_image, momentum_keys, outputs.temperature.detach())
+                soft_temperature = (outputs.temperature.detach() if args.distill_temperature is None
+                                    else torch.tensor(args.distill_temperature, device=outputs.temperature.device))
+                targets = distillation_targets(momentum_speech, momentum_image, momentum_keys, soft_temperature)
         loss_sic = sic_loss(outputs.speech_embeds, outputs.image_embeds, image_ids, outputs.temperature,
                             keys.speech, keys.image, keys.image_ids, *targets, distill_alpha=alpha)[0]
         loss = loss_sic + args.sim_loss_weight * outputs.loss_sim if args.use_sim else loss_sic
