@@ -238,9 +238,9 @@ def int8_best(codes: np.ndarray, scales: np.ndarray, query_codes: np.ndarray, qu
               kernel: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The `k` best of the scores `int8_scores` computes, per query and best first: `(scores [Q, k], rows [Q, k])`.
 
-    One pass that writes no scores: each thread keeps a heap of its best `k` and the heaps are merged after. For one
-    query this is what the scan is for, and writing 4 bytes a row, then reading them back and scoring the best blocks
-    again, cost 1.7 ms of a 17 ms search over 1M rows."""
+    One pass that writes no scores: each thread keeps a heap of its best `k` and the heaps are merged after. The way
+    before it (block maxima, then the best blocks scored again and ranked) took 1.0 ms after a 1M-row scan; one-query
+    searches are 0.5-0.7 ms faster this way (of about 13)."""
     k = min(k, len(codes))
     best, best_rows = _scan(codes, scales, query_codes, query_scales, None, k, kernel)
     best = best.transpose(1, 0, 2).reshape(len(query_codes), -1)

@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .int8_scan import int8_best, int8_scores, scan_kernel
@@ -254,12 +253,12 @@ def measure_kernels(num_queries: int, dim: int, rows: int = 262_144, repeats: in
     queries = torch.nn.functional.normalize(torch.randn(num_queries, dim, generator=generator), dim=1)
     timings = {}
     for kernel in KERNELS:
-        scan = lambda: sample.top_k(queries, 10, kernel=kernel)
-        scan()  # warm-up (and numba's compilation or cache load)
+        search = lambda: sample.top_k(queries, 10, kernel=kernel)
+        search()  # warm-up (and numba's compilation or cache load)
         samples = []
         for _ in range(repeats):
             start = time.perf_counter()
-            scan()
+            search()
             samples.append(time.perf_counter() - start)
         timings[kernel] = 1000 * sorted(samples)[len(samples) // 2]
     return timings
