@@ -62,6 +62,8 @@ def training_summary(args, global_step: int, momentum_start_step: int) -> dict:
         sim=args.use_sim,
         sim_negatives_from=(f"the batch and the last {args.sim_queue_negatives} training images"
                             if args.sim_queue_negatives else "the batch"),
+        soft_targets_at=("the online temperature" if args.distill_temperature is None
+                         else f"a fixed temperature of {args.distill_temperature}"),
         queue_size=args.queue_size, momentum=args.momentum, distill_alpha=args.distill_alpha,
         hyperparameters={
             "learning_rate": args.learning_rate, "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),

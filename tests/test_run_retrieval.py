@@ -84,6 +84,19 @@ def test_train_evaluate_save_and_push(tmp_path, monkeypatch):
     assert "| learning_rate | 0.002 |" in card and "transformers " + __import__("transformers").__version__ in card
 
 
+@pytest.mark.parametrize("distill_temperature, said", [(None, "softmaxed at\n  the online temperature"),
+                                                       (0.03, "softmaxed at\n  a fixed temperature of 0.03")])
+def test_the_card_says_at_what_temperature_the_soft_targets_were_made(tmp_path, distill_temperature, said):
+    from c2f.hub import build_model_card, training_summary
+    from c2f.presets import tiny_config
+    from c2f.training import C2FTrainingArguments
+
+    args = C2FTrainingArguments(output_dir=str(tmp_path), distill_temperature=distill_temperature, report_to="none")
+    training = training_summary(args, global_step=10, momentum_start_step=2)  # distillation joined at step 2
+    card = str(build_model_card(ROOT / "c2f" / "model_card.md", "someone/c2f-tiny", tiny_config(), {}, training, ""))
+    assert "**Momentum distillation**" in card and said in card
+
+
 def test_one_seed_gives_one_model(tmp_path, one_thread):
     """--seed fixes the initialisation, the augmentation draws and the sampling: two runs end with equal weights."""
     from safetensors.torch import load_file
