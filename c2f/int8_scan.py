@@ -1,6 +1,6 @@
 """The gallery's first pass: int8 query codes against int8 row codes, int32 sums, scaled to float32 scores.
 
-Two compiled kernels with one result (the exact integer dot products):
+One compiled kernel, with two dot products that give one result (the exact integer products):
 - `portable`: plain loops that LLVM vectorises on any CPU. On x86 it sign-extends both operands to int16 and
   multiplies in pairs (vpmaddwd), 16 bytes of the row per step; on a 2-core AVX2 machine it is compute-bound: over
   1M x 256, 14.5 ms for one query (the memory delivers the 256 MB in 10.2), 571 ms for 64.
@@ -19,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 # Rows whose int32 sums are collected before they are scaled: scaling inside the dot-product loop stops LLVM
 # vectorising it (83 ms instead of 15 over 1M rows), and writing the output a row at a time strides across all
@@ -123,27 +123,6 @@ def _prefetch_ahead(typingctx, codes, row):
     return signature, codegen
 
 
-@numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _portable_scores(codes, scales, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
-    rows, dim = codes.shape
-    queries = query_codes.shape[0]
-    blocks, parts = -(-rows // ROWS_PER_BLOCK), best.shape[0]
-    for part in numba.prange(parts):
-        totals = np.empty((queries, ROWS_PER_BLOCK), np.int32)
-        values = np.empty(ROWS_PER_BLOCK, np.float32)
-        for block in range(part * blocks // parts, (part + 1) * blocks // parts):
-            start = block * ROWS_PER_BLOCK
-            end = min(start + ROWS_PER_BLOCK, rows)
-            for row in range(start, end):
-                _prefetch_ahead(codes, row)
-                for query in range(queries):
-                    total = np.int32(0)
-                    for j in range(dim):
-                        total += np.int32(codes[row, j]) * np.int32(query_codes[query, j])
-                    totals[query, row - start] = total
-            _scale_block(totals, start, end, scales, query_scales, out, best[part], best_rows[part], values)
-
-
 _I8x32 = ir.VectorType(ir.IntType(8), 32)
 _I16x16 = ir.VectorType(ir.IntType(16), 16)
 _I32x8 = ir.VectorType(ir.IntType(32), 8)
@@ -189,8 +168,31 @@ def _dot_avx2(typingctx, codes, row, query_magnitudes, query_codes, query):
     return signature, codegen
 
 
+def _dot(codes, row, query_magnitudes, query_codes, query):
+    """`codes[row] . query_codes[query]` as int32, in compiled code only: by the AVX2 intrinsics when `query_magnitudes`
+    (|query_codes|) is given, by plain loops that LLVM vectorises when it is None. A choice by argument type, so that
+    each kernel is its own cached specialisation of `_scores`, and the AVX2 one is never compiled where it cannot run
+    (a function passed as an argument would be, and numba does not cache such kernels)."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_dot, inline="always")
+def _dot_for(codes, row, query_magnitudes, query_codes, query):
+    if isinstance(query_magnitudes, types.NoneType):
+        def portable(codes, row, query_magnitudes, query_codes, query):  # pragma: no cover - compiled
+            total = np.int32(0)
+            for j in range(codes.shape[1]):
+                total += np.int32(codes[row, j]) * np.int32(query_codes[query, j])
+            return total
+        return portable
+
+    def avx2(codes, row, query_magnitudes, query_codes, query):  # pragma: no cover - compiled
+        return _dot_avx2(codes, row, query_magnitudes, query_codes, query)
+    return avx2
+
+
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _avx2_scores(codes, scales, query_magnitudes, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
+def _scores(codes, scales, query_magnitudes, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
     rows = codes.shape[0]
     queries = query_codes.shape[0]
     blocks, parts = -(-rows // ROWS_PER_BLOCK), best.shape[0]
@@ -203,7 +205,7 @@ def _avx2_scores(codes, scales, query_magnitudes, query_codes, query_scales, out
             for row in range(start, end):
                 _prefetch_ahead(codes, row)
                 for query in range(queries):
-                    totals[query, row - start] = _dot_avx2(codes, row, query_magnitudes, query_codes, query)
+                    totals[query, row - start] = _dot(codes, row, query_magnitudes, query_codes, query)
             _scale_block(totals, start, end, scales, query_scales, out, best[part], best_rows[part], values)
 
 
@@ -219,11 +221,9 @@ def _scan(codes, scales, query_codes, query_scales, out, keep, kernel):
     parts = numba.get_num_threads()
     best = np.full((parts, len(query_codes), keep), -np.inf, np.float32)
     best_rows = np.full((parts, len(query_codes), keep), -1, np.int64)
+    query_magnitudes = np.abs(query_codes) if kernel == "avx2" else None
     with KERNEL_LOCK:
-        if kernel == "avx2":
-            _avx2_scores(codes, scales, np.abs(query_codes), query_codes, query_scales, out, best, best_rows)
-        else:
-            _portable_scores(codes, scales, query_codes, query_scales, out, best, best_rows)
+        _scores(codes, scales, query_magnitudes, query_codes, query_scales, out, best, best_rows)
     return best, best_rows
 
 
