@@ -276,9 +276,9 @@ def main(argv=None):
         train_dataset=train,
         eval_dataset=evaluation,
         data_collator=SpeechImageCollator(processor, data_args.max_audio_seconds, image_features,
-                                          augmentation=None if speech_features is not None else speech_augmentation(data_args, training_args.seed),
+                                          augmentation=None if speech_features is not None else speech_augmentation(data_args, training_args.draw_seed),
                                           decoded_cache_bytes=data_args.decoded_cache_mb * 2**20, speech_features=speech_features,
-                                          image_augmentation=image_augmentation(data_args, image_features, training_args.seed)),
+                                          image_augmentation=image_augmentation(data_args, image_features, training_args.draw_seed)),
         processor=processor,
     )
     if train is not None:

@@ -98,21 +98,24 @@ def test_the_card_says_at_what_temperature_the_soft_targets_were_made(tmp_path, 
 
 
 def test_one_seed_gives_one_model(tmp_path, one_thread):
-    """--seed fixes the initialisation, the augmentation draws and the sampling: two runs end with equal weights."""
+    """--seed fixes the initialisation, the augmentation draws and the sampling: two runs end with equal weights.
+    --data_seed moves the draws alone."""
     from safetensors.torch import load_file
 
     script = _load_script()
     common = ["--max_steps", "3", "--per_device_train_batch_size", "8", "--queue_size", "16",
               "--test_split", "validation", "--report_splits", "", "--k_test", "0", "--skip_file_check", "true"]
     weights = []
-    for run, seed in (("a", "5"), ("b", "5"), ("c", "6")):
-        script.main(["--output_dir", str(tmp_path / run), "--seed", seed, *common])
+    for run, seeds in (("a", ["--seed", "5"]), ("b", ["--seed", "5"]), ("c", ["--seed", "6"]),
+                       ("d", ["--seed", "5", "--data_seed", "9"])):
+        script.main(["--output_dir", str(tmp_path / run), *seeds, *common])
         # 3 steps log no loss (logging every 20): the run still ends well, with a curves picture that says so.
         assert (tmp_path / run / "training_curves.png").is_file()
         weights.append(load_file(tmp_path / run / "model.safetensors"))
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
     assert not all(torch.equal(weights[0][name], weights[2][name]) for name in weights[0])
+    assert not all(torch.equal(weights[0][name], weights[3][name]) for name in weights[0])  # other batches and draws
 
 
 def test_config_overrides_change_the_tiny_model_and_are_checked():

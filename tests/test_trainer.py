@@ -19,12 +19,12 @@ def _trainer(output_dir, max_steps, save_steps=None, augmentation=None, image_au
     torch.manual_seed(0)
     model = C2FSpeechImageModel(tiny_config(hidden_dropout=0.0))
     processor = tiny_processor()
-    settings = dict(per_device_train_batch_size=4, queue_size=8)
+    settings = dict(per_device_train_batch_size=4, queue_size=8, seed=7, data_seed=7)
     settings.update(overrides)
     args = C2FTrainingArguments(
         output_dir=str(output_dir), max_steps=max_steps, learning_rate=1e-3,
         save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500,
-        logging_steps=1, report_to="none", seed=7, data_seed=7, use_cpu=True, dataloader_num_workers=0,
+        logging_steps=1, report_to="none", use_cpu=True, dataloader_num_workers=0,
         **settings,
     )
     return C2FTrainer(model=model, args=args, train_dataset=load_demo("validation").select(range(16)),
@@ -85,6 +85,13 @@ def test_soft_targets_use_the_distillation_temperature(tmp_path, monkeypatch, di
         assert seen == pytest.approx([0.3, 0.3]) and abs(online - 0.3) > 0.1
     with pytest.raises(ValueError, match="--distill_temperature must be a positive temperature, got 0"):
         C2FTrainingArguments(output_dir=str(tmp_path), distill_temperature=0)
+
+
+def test_neighbour_batches_are_drawn_from_the_data_seed(tmp_path):
+    for overrides, expected in (({}, 7), ({"data_seed": 11}, 11)):
+        settings = {"seed": 7, "data_seed": None, **overrides}
+        trainer = _trainer(tmp_path, max_steps=1, neighbour_batches=True, **settings)
+        assert trainer._get_train_sampler().seed == expected and trainer.args.draw_seed == expected
 
 
 def test_sim_image_queue_adds_candidates_for_the_clips_negatives(tmp_path, monkeypatch):

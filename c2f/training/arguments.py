@@ -27,6 +27,13 @@ class C2FTrainingArguments(TrainingArguments):
     dataloader_pin_memory: bool = field(default_factory=torch.cuda.is_available, metadata={"help": "Pin batches in page-locked memory (default: only when CUDA is there, which is the only case it helps and the only one without a warning)."})
     average_tokens_across_devices: bool = field(default=False, metadata={"help": "Kept False: c2f's loss is a per-batch mean."})
 
+    @property
+    def draw_seed(self) -> int:
+        """Seed of c2f's own data draws (neighbour batches, voice and image augmentation): `data_seed` when set, as the
+        Trainer's own sampler reads it, else `seed`. So `--data_seed` changes what the model sees and `--seed` alone
+        how it starts."""
+        return self.seed if self.data_seed is None else self.data_seed
+
     def __post_init__(self):
         super().__post_init__()
         if self.distill_temperature is not None and not self.distill_temperature > 0:

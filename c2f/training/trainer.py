@@ -167,7 +167,7 @@ class C2FTrainer(Trainer):
         if missing:
             raise ValueError(f"--neighbour_batches needs the training set's {' and '.join(missing)} column(s)")
         return NeighbourBatchSampler(dataset["image_id"], dataset["caption"], self.args.per_device_train_batch_size,
-                                     seed=self.args.seed, neighbours=self.args.batch_neighbours)
+                                     seed=self.args.draw_seed, neighbours=self.args.batch_neighbours)
 
     # ------------------------------------------------------------------ loss
 
