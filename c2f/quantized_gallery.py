@@ -233,7 +233,8 @@ class QuantizedEmbeddings:
 def _score_buffer(queries: int, rows: int) -> torch.Tensor:
     """A `[queries, rows]` float32 buffer for a scan's scores (CHUNK_SCORES, or more for a batch of more queries
     than that), kept per thread and reused by the next search: a fresh 4 MB buffer page-faults in at every touch,
-    1.8 ms of a 15 ms one-query search over 1M rows."""
+    1.8 ms of a 15 ms one-query search over 1M rows when one query still wrote its scores (now batches of more than
+    `HEAP_QUERIES`, the float32 kernel and the bound's second pass do)."""
     kept = getattr(_reused, "scores", None)
     if kept is None or kept.numel() < queries * rows:
         kept = _reused.scores = torch.empty(max(CHUNK_SCORES, queries * rows))

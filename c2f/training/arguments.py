@@ -11,7 +11,7 @@ class C2FTrainingArguments(TrainingArguments):
     queue_size: int = field(default=65536, metadata={"help": "SIC embedding queue length (a ring buffer: any size from the global batch size up)."})
     momentum: float = field(default=0.995, metadata={"help": "EMA factor of the momentum model, per optimizer step."})
     distill_alpha: float = field(default=0.4, metadata={"help": "Weight of the momentum model's soft SIC targets."})
-    distill_temperature: float | None = field(default=None, metadata={"help": "Temperature of the momentum model's soft targets (default: the online temperature, as ALBEF). Once the queue joins, the learnt temperature falls to about 0.01 on the demo, where the targets are almost one-hot."})
+    distill_temperature: float | None = field(default=None, metadata={"help": "Temperature of the momentum model's soft targets (default: the online temperature, as ALBEF). On the demo the learnt temperature ends near 0.01 (with or without the queue), where the targets are almost one-hot."})
     alpha_warmup_epochs: float = field(default=1.0, metadata={"help": "Ramp alpha linearly from 0 over this many epochs (counted from momentum_start_epochs)."})
     momentum_start_epochs: float = field(default=0.0, metadata={"help": "SIC over the batch only for this many epochs; then the queue (filled all along) and the momentum soft targets join. For towers trained from scratch, whose momentum copy starts uninformative."})
     weight_ema: float = field(default=0.0, metadata={"help": "Keep an EMA of all trainable weights with this factor per step, and end training with it in place of the last weights (0: off). Not the momentum model, which only makes targets."})
