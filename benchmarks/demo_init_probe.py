@@ -46,6 +46,14 @@ class Probe(TrainerCallback):
         return sum(near) / len(near) if near else float("nan")
 
 
+def names_under(weights: dict, prefix: str, option: str) -> list[str]:
+    """The weight names that start with `prefix`; an error naming the `option` when there are none."""
+    names = [name for name in weights if name.startswith(prefix)]
+    if not names:
+        raise ValueError(f"{option}: no weights start with {prefix!r}")
+    return names
+
+
 def with_other_draws(build, swaps: list[tuple[str, int]], zeros: list[str]):
     """`build_model_and_processor`, with the named parts of the model replaced by other seeds' draws or zeros."""
 
@@ -57,16 +65,10 @@ def with_other_draws(build, swaps: list[tuple[str, int]], zeros: list[str]):
             for prefix, seed in swaps:
                 set_seed(seed)
                 donor = build(model_args)[0].state_dict()
-                names = [name for name in weights if name.startswith(prefix)]
-                if not names:
-                    raise ValueError(f"--swap {prefix}={seed}: no weights start with {prefix!r}")
-                for name in names:
+                for name in names_under(weights, prefix, f"--swap {prefix}={seed}"):
                     weights[name].copy_(donor[name])
             for prefix in zeros:
-                names = [name for name in weights if name.startswith(prefix)]
-                if not names:
-                    raise ValueError(f"--zero {prefix}: no weights start with {prefix!r}")
-                for name in names:
+                for name in names_under(weights, prefix, f"--zero {prefix}"):
                     weights[name].zero_()
         random.setstate(states[0])
         np.random.set_state(states[1])
@@ -85,13 +87,14 @@ def swap(text: str) -> tuple[str, int]:
 
 def main():
     argv = sys.argv[1:]
-    rest = argv[argv.index("--") + 1:] if "--" in argv else []
+    split = argv.index("--") if "--" in argv else len(argv)  # after "--": run_retrieval.py's own arguments
+    own, rest = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--swap", type=swap, nargs="*", default=[], help="PREFIX=SEED: these weights from SEED's draw")
     parser.add_argument("--zero", nargs="*", default=[], help="PREFIX: these weights set to zero")
     parser.add_argument("--epochs", type=float, default=6.5, help="stop after this many epochs")
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    args = parser.parse_args(own)
 
     probe = Probe(args.epochs)
 
