@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .modeling_c2f import shift_images
 from .processing_c2f import resample_audio
 
 
@@ -106,6 +106,6 @@ class ImageAugmentation(_SeededByBatch):
         pad = round(self.max_shift * max(height, width))
         if pad == 0:
             return pixel_values
-        padded = F.pad(pixel_values, (pad, pad, pad, pad), mode="replicate")
-        offsets = torch.randint(0, 2 * pad + 1, (len(pixel_values), 2), generator=self.generator).tolist()
-        return torch.stack([padded[i, :, top : top + height, left : left + width] for i, (top, left) in enumerate(offsets)])
+        # Each draw is a crop offset into the image padded by `pad`; the move is its mirror.
+        moves = (pad - torch.randint(0, 2 * pad + 1, (len(pixel_values), 2), generator=self.generator)).tolist()
+        return torch.cat([shift_images(pixel_values[i : i + 1], down, right) for i, (down, right) in enumerate(moves)])

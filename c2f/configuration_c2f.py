@@ -35,6 +35,15 @@ class C2FConfig(PreTrainedConfig):
             Training-time voice augmentation of the `"log_mel"` front end (like HuBERT's own SpecAugment, applied only
             in training mode): each clip's spectrum is stretched along frequency by a factor drawn uniformly from
             `[1 - w, 1 + w]` (vocal-tract-length perturbation). 0 disables it.
+        test_time_speeds (`list[float]`, *optional*, defaults to `()`):
+            Inference-time views of a clip: the speech embedding (in eval mode) is the mean of the clip's unit
+            embedding as heard and played at each of these speeds (1/speed as long, pitch times speed: the speed
+            perturbation of training), so a voice the model never heard is met at several pitches and tempos at once.
+            The SIM head reads the tokens of the clip as heard. Empty: one view.
+        test_time_image_shift (`float`, *optional*, defaults to 0.0):
+            Inference-time views of an image: with `s > 0` the image embedding (in eval mode) is the mean of the unit
+            embeddings of the image and of four copies moved `round(s * side)` pixels up, down, left and right (border
+            pixels repeated, as the training shifts do). The SIM head reads the unshifted tokens. 0: one view.
         vision_stem (`str`, *optional*, defaults to `"patch"`):
             How image pixels become patch tokens. `"patch"`: BLIP-2's patch embedding (one strided convolution), as in
             every pretrained BLIP-2 checkpoint. `"conv"`: stride-2 3x3 convolutions down to the patch grid, then a
@@ -97,6 +106,8 @@ class C2FConfig(PreTrainedConfig):
     log_mel_bins: int = 40
     log_mel_cepstral_coefficients: int = 0
     speech_frequency_warp: float = 0.0
+    test_time_speeds: list[float] | tuple[float, ...] = ()
+    test_time_image_shift: float = 0.0
     vision_stem: str = "patch"
     speech_layer_pooling: str = "last"
     speech_frame_downsample: int = 2
@@ -152,6 +163,10 @@ class C2FConfig(PreTrainedConfig):
                              f"got {self.log_mel_cepstral_coefficients}")
         if not 0 <= self.speech_frequency_warp < 1:
             raise ValueError(f"C2FConfig.speech_frequency_warp must be in [0, 1), got {self.speech_frequency_warp}")
+        if not all(0.5 <= speed <= 2 for speed in self.test_time_speeds):
+            raise ValueError(f"C2FConfig.test_time_speeds must be speeds in [0.5, 2], got {list(self.test_time_speeds)}")
+        if not 0 <= self.test_time_image_shift < 0.5:
+            raise ValueError(f"C2FConfig.test_time_image_shift must be in [0, 0.5), got {self.test_time_image_shift}")
         if self.vision_stem not in ("patch", "conv"):
             raise ValueError(f"C2FConfig.vision_stem must be 'patch' or 'conv', got {self.vision_stem!r}")
         patch_size = self.vision_config.patch_size

@@ -310,6 +310,41 @@ def downsample_frames(frames: torch.Tensor, frame_mask: torch.Tensor, factor: in
     return summed / counts.clamp(min=1), counts.squeeze(-1) > 0
 
 
+def shift_images(pixel_values: torch.Tensor, down: int, right: int) -> torch.Tensor:
+    """`[batch, channels, height, width]` moved by whole pixels, the border pixels repeated into the gap: the image
+    shift of training (`ImageAugmentation`) and of test-time views alike. No flips: captions name left and right."""
+    if down == 0 and right == 0:
+        return pixel_values
+    height, width = pixel_values.shape[-2:]
+    pad = max(abs(down), abs(right))
+    padded = F.pad(pixel_values, (pad, pad, pad, pad), mode="replicate")
+    return padded[..., pad - down : pad - down + height, pad - right : pad - right + width]
+
+
+def change_speed(
+    input_values: torch.Tensor, attention_mask: torch.Tensor | None, speed: float, min_samples: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each clip of a padded batch played `speed` times as fast: 1/speed as long, pitch and formants times speed (the
+    training speed perturbation, as a test-time view). Linear interpolation over each clip's own samples, so padding
+    never enters; no clip is made shorter than `min_samples`. Returns the new padded batch and its mask."""
+    lengths = attention_mask.sum(dim=1).tolist() if attention_mask is not None else [input_values.shape[1]] * len(input_values)
+    clips = [
+        F.interpolate(input_values[row, : int(length)].view(1, 1, -1), size=max(round(length / speed), min_samples),
+                      mode="linear", align_corners=False).view(-1)
+        for row, length in enumerate(lengths)
+    ]
+    longest = max(len(clip) for clip in clips)
+    values = torch.stack([F.pad(clip, (0, longest - len(clip))) for clip in clips])
+    mask = torch.arange(longest, device=values.device) < torch.tensor([len(clip) for clip in clips], device=values.device).unsqueeze(1)
+    return values, mask.long()
+
+
+def mean_of_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """The mean of `[batch, dim]` embeddings of several views, each made unit length first, so no view weighs more
+    for its norm."""
+    return torch.stack([F.normalize(view, dim=-1) for view in views]).mean(dim=0)
+
+
 def cepstral_smoothing_matrix(bins: int, coefficients: int) -> np.ndarray | None:
     """`[bins, bins]` projection of a log-mel frame onto its first `coefficients` DCT-II (cepstral) components, back in
     mel bands: classical MFCC liftering, which drops the pitch harmonics a voice leaves in the log-mel. None when it
@@ -529,6 +564,9 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
     # Inference with a group-norm HuBERT (hubert-base) runs each clip at its own length, so padding cannot change an
     # embedding. A trainer's momentum copy turns it off: it must see batches the way the online model does.
     unpadded_speech_inference: bool = True
+    # Inference averages the config's test-time views (`test_time_speeds`, `test_time_image_shift`). A trainer's
+    # momentum copy turns it off: its features and targets stand for the one view training sees.
+    test_time_views: bool = True
 
     def __init__(self, config: C2FConfig):
         super().__init__(config)
@@ -704,6 +742,12 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             frames, frame_mask = self.speech_frames(input_values, attention_mask)
         speech_tokens, speech_token_mask = self.speech_encoder(frames, frame_mask)
         speech_embeds = self.speech_projection(speech_tokens[:, 0])
+        speeds = self.config.test_time_speeds if self._averages_views() and speech_hidden_states is None else ()
+        if speeds:
+            views = (change_speed(input_values, attention_mask, speed, self.config.min_audio_samples) for speed in speeds)
+            speech_embeds = mean_of_views([speech_embeds] + [
+                self.speech_projection(self.speech_encoder(*self.speech_frames(*view))[0][:, 0]) for view in views
+            ])
         if normalize:
             speech_embeds = F.normalize(speech_embeds, dim=-1)
         return C2FSpeechOutput(
@@ -724,10 +768,28 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             if pixel_values is None:
                 raise ValueError("encode_image needs pixel_values or image_hidden_states")
             image_hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
+            views = self.image_views(pixel_values)
+        else:
+            views = []
         image_embeds = self.image_projection(image_hidden_states[:, 0])
+        if views:
+            image_embeds = mean_of_views([image_embeds] + [
+                self.image_projection(self.vision_model(pixel_values=view).last_hidden_state[:, 0]) for view in views
+            ])
         if normalize:
             image_embeds = F.normalize(image_embeds, dim=-1)
         return C2FImageOutput(image_embeds=image_embeds, image_tokens=image_hidden_states)
+
+    def _averages_views(self) -> bool:
+        return self.test_time_views and not self.training
+
+    def image_views(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The test-time copies of `pixel_values` whose embeddings inference averages with the image's own (none in
+        training, or with `test_time_image_shift` 0)."""
+        shift = round(self.config.test_time_image_shift * max(pixel_values.shape[-2:])) if self._averages_views() else 0
+        if shift == 0:
+            return []
+        return [shift_images(pixel_values, down, right) for down, right in ((shift, 0), (-shift, 0), (0, shift), (0, -shift))]
 
     def get_speech_features(
         self,

@@ -8,6 +8,7 @@ from c2f.training.feature_cache import ImageFeatureCache, backbone_fingerprint
 
 def test_cache_holds_the_frozen_tower_output_and_feeds_the_collator(tmp_path, processor):
     model = C2FSpeechImageModel(tiny_config()).eval()
+    model.test_time_views = False  # a cache holds one view of each image, the one training sees
     dataset = load_demo("validation").select(range(9))  # 3 images x 3 captions
     cache = ImageFeatureCache.build(model.vision_model, processor, dataset, tmp_path)
     assert len(cache) == 3
@@ -71,6 +72,7 @@ def test_frozen_hubert_cache_gives_the_embeddings_of_the_clips_alone(tmp_path, p
     batch = SpeechImageCollator(processor, speech_features=cache)([rows[i] for i in range(4)])
     assert "input_values" not in batch and batch["speech_hidden_states"].shape[:2] == batch["speech_frame_mask"].shape
     model.eval()
+    model.test_time_views = False  # a cache holds one view of each clip, the one training hears
     with torch.no_grad():
         from_cache = model.get_speech_features(speech_hidden_states=batch["speech_hidden_states"],
                                                speech_frame_mask=batch["speech_frame_mask"])

@@ -6,7 +6,8 @@ import torch
 from transformers import HubertModel
 
 from c2f.configuration_c2f import C2FConfig
-from c2f.modeling_c2f import C2FConvStem, C2FLogMelFeatureEncoder, C2FSpeechImageModel, cepstral_smoothing_matrix
+from c2f.modeling_c2f import (C2FConvStem, C2FLogMelFeatureEncoder, C2FSpeechImageModel, cepstral_smoothing_matrix,
+                              change_speed, shift_images)
 from c2f.presets import tiny_config, tiny_processor
 
 
@@ -74,6 +75,57 @@ def test_frequency_warp_applies_in_training_only(processor):
     torch.manual_seed(1)
     assert torch.equal(warped, front_end.log_mel(inputs["input_values"])[0])  # seeded
     assert not torch.allclose(warped, plain, atol=1e-3)
+
+
+def test_shift_images_moves_pixels_and_repeats_the_border():
+    image = torch.zeros(1, 1, 6, 6)
+    image[0, 0, 2, 3] = 1.0
+    image[0, 0, 0, :] = 0.5  # top row
+    moved = shift_images(image, 2, -1)
+    assert moved[0, 0, 4, 2] == 1.0 and moved.sum() == 1.0 + 0.5 * 6 * 3  # two rows of border repeated in from the top
+    assert torch.equal(shift_images(moved, -2, 1)[0, 0, 2, 3], image[0, 0, 2, 3])
+
+
+def test_change_speed_plays_each_clip_faster_from_its_own_samples():
+    tone = torch.sin(2 * torch.pi * 440 * torch.arange(16000) / 16000)
+    batch = torch.stack([tone, torch.cat([tone[:8000], torch.zeros(8000)])])
+    faster, mask = change_speed(batch, torch.tensor([[1] * 16000, [1] * 8000 + [0] * 8000]), 1.25)
+    assert faster.shape == (2, 12800) and mask.sum(dim=1).tolist() == [12800, 6400]
+    spectrum = torch.fft.rfft(faster[0]).abs()
+    assert abs(spectrum.argmax().item() * 16000 / 12800 - 550) <= 2  # pitch x 1.25
+    alone, _ = change_speed(tone[None, :8000], None, 1.25)
+    assert torch.equal(alone[0], faster[1, :6400]) and not faster[1, 6400:].any()  # its padding never entered
+    assert change_speed(tone[None, :1000], None, 2.0, min_samples=800)[0].shape == (1, 800)
+
+
+def test_test_time_views_average_faster_slower_clips_and_shifted_images_at_inference_only(processor):
+    """In eval mode an embedding is the normalised mean of the unit embeddings of its views: the clip as heard and at
+    each speed, the image and its four 2 px shifts. Training and the SIM tokens see one view."""
+    torch.manual_seed(0)
+    model = C2FSpeechImageModel(tiny_config(speech_frequency_warp=0.0, test_time_speeds=(0.9, 1.1),
+                                            test_time_image_shift=0.03)).eval()
+    inputs = processor(audio=_clips(16000, 9600))
+    images = torch.rand(2, 3, 64, 64)
+    unit = torch.nn.functional.normalize
+    with torch.no_grad():
+        speech, pictures = model.encode_speech(**inputs), model.encode_image(images)
+        model.test_time_views = False
+        one_clip_view, one_image_view = model.encode_speech(**inputs), model.encode_image(images)
+        played = [model.get_speech_features(*change_speed(inputs["input_values"], inputs["attention_mask"], speed))
+                  for speed in (0.9, 1.1)]
+        shifted = [model.get_image_features(shift_images(images, down, right))
+                   for down, right in ((2, 0), (-2, 0), (0, 2), (0, -2))]
+        model.test_time_views = True
+        model.train()
+        trained_clip, trained_image = model.encode_speech(**inputs), model.encode_image(images)
+    assert torch.allclose(speech.speech_embeds, unit(one_clip_view.speech_embeds + sum(played)), atol=1e-6)
+    assert not torch.allclose(speech.speech_embeds, one_clip_view.speech_embeds, atol=1e-3)
+    assert torch.allclose(pictures.image_embeds, unit(one_image_view.image_embeds + sum(shifted)), atol=1e-6)
+    assert not torch.allclose(pictures.image_embeds, one_image_view.image_embeds, atol=1e-3)
+    assert torch.equal(speech.speech_tokens, one_clip_view.speech_tokens)
+    assert torch.equal(pictures.image_tokens, one_image_view.image_tokens)
+    assert torch.allclose(trained_clip.speech_embeds, one_clip_view.speech_embeds, atol=1e-6)
+    assert torch.allclose(trained_image.image_embeds, one_image_view.image_embeds, atol=1e-6)
 
 
 def test_cepstral_smoothing_keeps_the_envelope_and_drops_the_harmonic_ripple():
@@ -144,6 +196,8 @@ def test_real_checkpoint_front_ends_are_hubert_and_blip2_modules():
         (dict(speech_frequency_warp=1.5), "speech_frequency_warp"),
         (dict(log_mel_cepstral_coefficients=41), "log_mel_cepstral_coefficients"),
         (dict(speech_layer_pooling="weighted_sum"), "speech_layer_pooling='last'"),
+        (dict(test_time_speeds=(0.9, 3.0)), "test_time_speeds"),
+        (dict(test_time_image_shift=0.5), "test_time_image_shift"),
     ],
 )
 def test_config_rejects_unusable_front_ends(overrides, message):

@@ -52,10 +52,14 @@ def test_momentum_model_leaves_out_the_parts_it_never_runs():
     assert not any(name.startswith(("momentum.multimodal_encoder.", "momentum.match_head.")) for name in momentum.state_dict())
     assert any(name.startswith("momentum.speech_encoder.") for name in momentum.state_dict())
     assert isinstance(momentum.model.match_head, torch.nn.Identity) and not isinstance(model.match_head, torch.nn.Identity)
-    with torch.no_grad():  # it still embeds like the online model
+    with torch.no_grad():  # it still embeds like the online model, from the one view training sees
         audio, images = torch.randn(2, 8000), torch.rand(2, 3, 64, 64)
-        assert torch.allclose(momentum.model.get_speech_features(audio), model.eval().get_speech_features(audio))
+        with_views = model.eval().get_speech_features(audio), model.get_image_features(images)
+        model.test_time_views = False
+        assert torch.allclose(momentum.model.get_speech_features(audio), model.get_speech_features(audio))
         assert torch.allclose(momentum.model.get_image_features(images), model.get_image_features(images))
+        assert not torch.allclose(momentum.model.get_speech_features(audio), with_views[0])
+        assert not torch.allclose(momentum.model.get_image_features(images), with_views[1])
 
 
 def test_soft_targets_and_logits_share_their_keys_column_for_column():

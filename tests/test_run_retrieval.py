@@ -118,6 +118,21 @@ def test_one_seed_gives_one_model(tmp_path, one_thread):
     assert not all(torch.equal(weights[0][name], weights[3][name]) for name in weights[0])  # other batches and draws
 
 
+def test_test_time_views_are_set_from_the_command_line_on_a_loaded_model(tmp_path):
+    """Evaluating a saved model with other test-time views: the flags reach its config, which the pipeline and the
+    index read too."""
+    from c2f.modeling_c2f import C2FSpeechImageModel
+    from c2f.presets import tiny_config, tiny_processor
+
+    script = _load_script()
+    C2FSpeechImageModel(tiny_config()).save_pretrained(tmp_path)
+    tiny_processor().save_pretrained(tmp_path)
+    model, _ = script.build_model_and_processor(script.ModelArguments(
+        model_name_or_path=str(tmp_path), test_time_speeds=[1.05], test_time_image_shift=0.0))
+    assert list(model.config.test_time_speeds) == [1.05] and model.config.test_time_image_shift == 0.0
+    assert model.eval().image_views(torch.rand(1, 3, 64, 64)) == []
+
+
 def test_config_overrides_change_the_tiny_model_and_are_checked():
     """`--config_overrides` as in the transformers examples: names must exist, values are cast and the whole config is
     checked again; a loaded model keeps its own config."""

@@ -34,6 +34,8 @@ class MomentumModel:
         self.model.eval()
         if hasattr(self.model, "unpadded_speech_inference"):  # batches as the online model sees them, not clip by clip
             self.model.unpadded_speech_inference = False
+        if hasattr(self.model, "test_time_views"):  # one view, the one training sees
+            self.model.test_time_views = False
         self._pairs = [
             (name, parameter, dict(self.model.named_parameters())[name])
             for name, parameter in model.named_parameters()
