@@ -41,7 +41,7 @@ class ModelArguments:
     freeze_speech_feature_encoder: bool | None = field(default=None, metadata={"help": "Freeze HuBERT's convolutional feature encoder only (default: frozen for pretrained HuBERT, trained for the tiny model's log-mel front end; as recorded when continuing)."})
     k_test: int | None = field(default=None, metadata={"help": "SIM re-rank depth stored in the config."})
     speech_frequency_warp: float | None = field(default=None, metadata={"help": "Training-time frequency warp of the log-mel front end, +-this share (tiny model default: 0.1)."})
-    test_time_speeds: list[float] | None = field(default=None, metadata={"help": "Inference-time views: speeds at which each clip is also played, its embeddings averaged with the clip's own (tiny model default: 0.9 0.95 1.05 1.1; 1 for one view). Stored in the config, so the pipeline and the index use them too."})
+    test_time_speeds: list[float] | None = field(default=None, metadata={"help": "Inference-time views: speeds at which each clip is also played, its embeddings averaged with the clip's own (tiny model default: 0.9 1.1; 1 for one view). Stored in the config, so the pipeline and the index use them too."})
     test_time_image_shift: float | None = field(default=None, metadata={"help": "Inference-time views: image embeddings averaged with four copies moved this share of the side (tiny model default: 0.03, 2 px; 0 for one view). Stored in the config."})
     config_overrides: str | None = field(default=None, metadata={"help": "Override settings of the tiny model's config, as in the transformers examples: 'log_mel_bins=32,embed_dim=128' (from scratch only)."})
 
