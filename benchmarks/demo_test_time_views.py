@@ -3,7 +3,8 @@ both, on the held-out-voice validation split (where the choice is made) and the 
 
     python benchmarks/demo_test_time_views.py outputs/c2f-demo outputs/ablation/full/seed-0 ... [--json out.json]
 
-Only the config's `test_time_speeds` and `test_time_image_shift` change between rows; the weights stay. R@1 of the
+Only the config's `test_time_speeds` and `test_time_image_shift` change between rows; the weights stay, and every
+embedding comes from the model's own `get_speech_features` / `get_image_features`. R@1 of the
 coarse (SIC) ranking, speech->image / image->speech, per model and averaged over the models given, with the sum of
 both directions that the choice compares.
 """
@@ -13,28 +14,52 @@ import json
 from statistics import mean
 
 import torch
+from torch.utils.data import DataLoader
 
-from c2f.data import load_demo
-from c2f.evaluation import encode_for_retrieval, ranking, recall_metrics
+from c2f.data import SpeechImageCollator, first_row_of_each_image, load_demo
+from c2f.evaluation import ranking, recall_metrics
 from c2f.modeling_c2f import C2FSpeechImageModel
 from c2f.processing_c2f import C2FProcessor
 
-SPEEDS = (0.9, 1.1)
-VARIANTS = {
-    "one view": dict(test_time_speeds=(), test_time_image_shift=0.0),
-    "speeds": dict(test_time_speeds=SPEEDS, test_time_image_shift=0.0),
-    "image shifts": dict(test_time_speeds=(), test_time_image_shift=0.03),
-    "speeds + image shifts (the preset)": dict(test_time_speeds=SPEEDS, test_time_image_shift=0.03),
+SPEECH = {"one view": (), "speeds 0.9, 1.1": (0.9, 1.1), "speeds 0.9, 0.95, 1.05, 1.1": (0.9, 0.95, 1.05, 1.1)}
+IMAGE = {"one view": 0.0, "moved 2 px four ways": 0.03}
+VARIANTS = {  # name: (speech views, image views)
+    "one view": ("one view", "one view"),
+    "speeds 0.9, 1.1": ("speeds 0.9, 1.1", "one view"),
+    "image moved 2 px": ("one view", "moved 2 px four ways"),
+    "speeds 0.9, 1.1 + image moved 2 px (the preset)": ("speeds 0.9, 1.1", "moved 2 px four ways"),
+    "speeds 0.9, 0.95, 1.05, 1.1 + image moved 2 px": ("speeds 0.9, 0.95, 1.05, 1.1", "moved 2 px four ways"),
 }
 SPLITS = ("validation_unseen_voices", "test")
 
 
 @torch.no_grad()
-def score(model, processor, dataset) -> tuple[float, float]:
-    encoded = encode_for_retrieval(model, dataset, processor, batch_size=64, progress=False)
-    coarse = encoded["speech_embeds"] @ encoded["image_embeds"].t()
-    metrics = recall_metrics(ranking(coarse), ranking(coarse.t()), encoded["speech_image_ids"], encoded["gallery_image_ids"])
-    return round(metrics["s2i_R@1"], 1), round(metrics["i2s_R@1"], 1)
+def embed(model, processor, dataset, rows, key: str) -> torch.Tensor:
+    """Embeddings of `dataset`'s `rows`, speech (`key` "input_values") or images ("pixel_values"), through the
+    model's own `get_*_features`, so with whatever views its config sets."""
+    loader = DataLoader(dataset.select(rows), batch_size=64, collate_fn=SpeechImageCollator(processor))
+    if key == "input_values":
+        return torch.cat([model.get_speech_features(b["input_values"], b["attention_mask"]) for b in loader])
+    return torch.cat([model.get_image_features(b["pixel_values"]) for b in loader])
+
+
+def scores_of_split(model, processor, dataset) -> dict[str, tuple[float, float]]:
+    first = first_row_of_each_image(dataset)
+    speech = {}
+    for name, speeds in SPEECH.items():
+        model.config.test_time_speeds = speeds
+        speech[name] = embed(model, processor, dataset, range(len(dataset)), "input_values")
+    images = {}
+    for name, shift in IMAGE.items():
+        model.config.test_time_image_shift = shift
+        images[name] = embed(model, processor, dataset, list(first.values()), "pixel_values")
+    speech_ids, gallery_ids = torch.tensor([int(i) for i in dataset["image_id"]]), torch.tensor(list(first))
+    results = {}
+    for variant, (speech_views, image_views) in VARIANTS.items():
+        coarse = speech[speech_views] @ images[image_views].t()
+        metrics = recall_metrics(ranking(coarse), ranking(coarse.t()), speech_ids, gallery_ids)
+        results[variant] = (round(metrics["s2i_R@1"], 1), round(metrics["i2s_R@1"], 1))
+    return results
 
 
 def main():
@@ -46,12 +71,9 @@ def main():
     results = {}
     for path in args.models:
         model, processor = C2FSpeechImageModel.from_pretrained(path).eval(), C2FProcessor.from_pretrained(path)
-        results[path] = {}
-        for name, settings in VARIANTS.items():
-            for field, value in settings.items():
-                setattr(model.config, field, value)
-            results[path][name] = {split: score(model, processor, datasets[split]) for split in SPLITS}
-            print(path, name, json.dumps(results[path][name]), flush=True)
+        by_split = {split: scores_of_split(model, processor, datasets[split]) for split in SPLITS}
+        results[path] = {variant: {split: by_split[split][variant] for split in SPLITS} for variant in VARIANTS}
+        print(path, json.dumps(results[path]), flush=True)
     print(f"\nR@1 S->I / I->S (sum), mean of {len(results)} model(s)")
     print("| views | held-out voices (validation) | test |\n|---|---|---|")
     for name in VARIANTS:

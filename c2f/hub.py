@@ -87,6 +87,17 @@ def framework_versions() -> dict[str, str]:
     return found
 
 
+def test_time_views(config) -> str:
+    """The config's test-time views in words for the card; empty for one view."""
+    views = []
+    if config.test_time_speeds:
+        views.append("each clip as heard and played at " + ", ".join(f"{speed:g}" for speed in config.test_time_speeds)
+                     + " times the speed")
+    if config.test_time_image_shift:
+        views.append(f"each image as it is and moved {config.test_time_image_shift:g} of its side up, down, left and right")
+    return "; ".join(views)
+
+
 def build_model_card(template: str | Path, repo_id: str, config, results: dict, training: dict, results_table: str,
                      base_models: list[str | None] = (), dataset: str | None = None) -> ModelCard:
     """Fill the model card template from the config, what the training run did (`training_summary`), the results,
@@ -105,6 +116,7 @@ def build_model_card(template: str | Path, repo_id: str, config, results: dict, 
         speech_backbone=config.speech_config.name_or_path or f"{config.speech_config.hidden_size}-d, {config.speech_config.num_hidden_layers} layers",
         image_backbone=config.vision_config.name_or_path or f"{config.vision_config.hidden_size}-d, {config.vision_config.num_hidden_layers} layers",
         image_frozen=config.freeze_image_backbone, embed_dim=config.embed_dim, k_test=config.k_test,
+        test_time_views=test_time_views(config),
         training_data=training.get("training_data", "unknown"), results_table=results_table,
         frameworks=framework_versions(), **{key: value for key, value in training.items() if key != "training_data"},
     )

@@ -730,7 +730,8 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         """Speech embeddings plus the speech tokens the SIM head needs.
 
         `speech_hidden_states` (`[batch, frames, hidden]` backbone frames, e.g. from a frozen HuBERT's feature cache,
-        with `speech_frame_mask` marking real frames) skips the backbone.
+        with `speech_frame_mask` marking real frames) skips the backbone. In eval mode the embedding averages the
+        config's `test_time_speeds` views of `input_values` (hidden states are one view).
         """
         if speech_hidden_states is not None:
             frames = speech_hidden_states
@@ -762,7 +763,8 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
     ) -> C2FImageOutput:
         """Image embeddings plus the patch tokens the SIM head needs.
 
-        `image_hidden_states` (the vision tower's last hidden state, e.g. from a feature cache) skips the tower.
+        `image_hidden_states` (the vision tower's last hidden state, e.g. from a feature cache) skips the tower. In eval
+        mode the embedding averages the `test_time_image_shift` views of `pixel_values` (hidden states are one view).
         """
         if image_hidden_states is None:
             if pixel_values is None:

@@ -95,6 +95,9 @@ def test_the_card_says_at_what_temperature_the_soft_targets_were_made(tmp_path, 
     training = training_summary(args, global_step=10, momentum_start_step=2)  # distillation joined at step 2
     card = str(build_model_card(ROOT / "c2f" / "model_card.md", "someone/c2f-tiny", tiny_config(), {}, training, ""))
     assert "**Momentum distillation**" in card and said in card
+    assert "over each clip as heard and played at 0.9, 1.1 times the speed; each image as it is and moved 0.03" in card
+    one_view = tiny_config(test_time_speeds=(), test_time_image_shift=0.0)
+    assert "Test-time views" not in str(build_model_card(ROOT / "c2f" / "model_card.md", "someone/c2f-tiny", one_view, {}, training, ""))
 
 
 def test_one_seed_gives_one_model(tmp_path, one_thread):
