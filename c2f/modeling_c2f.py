@@ -726,12 +726,14 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         normalize: bool = True,
         speech_hidden_states: torch.Tensor | None = None,
         speech_frame_mask: torch.Tensor | None = None,
+        average_views: bool = True,
     ) -> C2FSpeechOutput:
         """Speech embeddings plus the speech tokens the SIM head needs.
 
         `speech_hidden_states` (`[batch, frames, hidden]` backbone frames, e.g. from a frozen HuBERT's feature cache,
         with `speech_frame_mask` marking real frames) skips the backbone. In eval mode the embedding averages the
-        config's `test_time_speeds` views of `input_values` (hidden states are one view).
+        config's `test_time_speeds` views of `input_values` (hidden states are one view); `average_views=False` skips
+        them, for callers that need the tokens only.
         """
         if speech_hidden_states is not None:
             frames = speech_hidden_states
@@ -743,7 +745,7 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
             frames, frame_mask = self.speech_frames(input_values, attention_mask)
         speech_tokens, speech_token_mask = self.speech_encoder(frames, frame_mask)
         speech_embeds = self.speech_projection(speech_tokens[:, 0])
-        speeds = self.config.test_time_speeds if self._averages_views() and speech_hidden_states is None else ()
+        speeds = self.config.test_time_speeds if average_views and self._averages_views() and speech_hidden_states is None else ()
         if speeds:
             views = (change_speed(input_values, attention_mask, speed, self.config.min_audio_samples) for speed in speeds)
             speech_embeds = mean_of_views([speech_embeds] + [
@@ -760,17 +762,19 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         image_hidden_states: torch.Tensor | None = None,
         normalize: bool = True,
+        average_views: bool = True,
     ) -> C2FImageOutput:
         """Image embeddings plus the patch tokens the SIM head needs.
 
         `image_hidden_states` (the vision tower's last hidden state, e.g. from a feature cache) skips the tower. In eval
-        mode the embedding averages the `test_time_image_shift` views of `pixel_values` (hidden states are one view).
+        mode the embedding averages the `test_time_image_shift` views of `pixel_values` (hidden states are one view);
+        `average_views=False` skips them, for callers that need the tokens only.
         """
         if image_hidden_states is None:
             if pixel_values is None:
                 raise ValueError("encode_image needs pixel_values or image_hidden_states")
             image_hidden_states = self.vision_model(pixel_values=pixel_values).last_hidden_state
-            views = self.image_views(pixel_values)
+            views = self.image_views(pixel_values) if average_views else []
         else:
             views = []
         image_embeds = self.image_projection(image_hidden_states[:, 0])
@@ -838,10 +842,11 @@ class C2FSpeechImageModel(C2FPreTrainedModel):
 
         Pass raw inputs, or outputs of `encode_speech` / `encode_image` to reuse tokens already computed.
         """
+        # SIM reads the tokens of one view: the test-time views' embeddings would be computed for nothing.
         if speech_output is None:
-            speech_output = self.encode_speech(input_values, attention_mask)
+            speech_output = self.encode_speech(input_values, attention_mask, average_views=False)
         if image_output is None:
-            image_output = self.encode_image(pixel_values, image_hidden_states)
+            image_output = self.encode_image(pixel_values, image_hidden_states, average_views=False)
         logits = self.match_logits(
             speech_output.speech_tokens, speech_output.speech_token_mask, image_output.image_tokens
         )

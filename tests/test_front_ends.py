@@ -128,6 +128,22 @@ def test_test_time_views_average_faster_slower_clips_and_shifted_images_at_infer
     assert torch.allclose(trained_image.image_embeds, one_image_view.image_embeds, atol=1e-6)
 
 
+def test_match_scores_skip_the_test_time_views_it_does_not_read(processor):
+    """SIM reads one view's tokens, so scoring pairs from raw inputs runs each tower once, views or not."""
+    torch.manual_seed(0)
+    model = C2FSpeechImageModel(tiny_config()).eval()
+    inputs, images = processor(audio=_clips(16000, 9600)), torch.rand(2, 3, 64, 64)
+    calls = {"vision": 0, "speech encoder": 0}
+    model.vision_model.register_forward_hook(lambda *_: calls.__setitem__("vision", calls["vision"] + 1))
+    model.speech_encoder.register_forward_hook(lambda *_: calls.__setitem__("speech encoder", calls["speech encoder"] + 1))
+    with torch.no_grad():
+        scores = model.match_scores(inputs["input_values"], images, inputs["attention_mask"])
+        assert calls == {"vision": 1, "speech encoder": 1}
+        full = model.match_scores(speech_output=model.encode_speech(**inputs), image_output=model.encode_image(images))
+    assert calls == {"vision": 1 + 5, "speech encoder": 1 + 3}  # the full outputs do average the views
+    assert torch.allclose(scores, full, atol=1e-6)
+
+
 def test_cepstral_smoothing_keeps_the_envelope_and_drops_the_harmonic_ripple():
     """A log-mel frame made of a slow envelope plus a fast ripple (what pitch harmonics leave across mel bands): the
     first 13 cepstral coefficients keep the envelope and remove the ripple."""
