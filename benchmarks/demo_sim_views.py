@@ -11,18 +11,15 @@ The views are the model config's `test_time_speeds` and `test_time_image_shift` 
 """
 
 import argparse
-import json
-from statistics import mean
 
 import torch
 from torch.utils.data import DataLoader
 
-from c2f.data import SpeechImageCollator, first_row_of_each_image, load_demo
+from c2f.data import SpeechImageCollator, first_row_of_each_image
 from c2f.evaluation import _flat_speech_tokens, ranking, recall_metrics
-from c2f.modeling_c2f import C2FSpeechImageModel, change_speed
-from c2f.processing_c2f import C2FProcessor
+from c2f.modeling_c2f import change_speed
+from demo_test_time_views import rescore  # this folder is on the path when a script in it runs
 
-SPLITS = ("validation_unseen_voices", "test")
 VIEWS = {  # name: (speech views used by SIM, image views used by SIM); "all" = every pairing of the two
     "one view": ("one", "one"),
     "speed views": ("all", "one"),
@@ -101,24 +98,7 @@ def main():
     parser.add_argument("models", nargs="+", help="trained c2f folders (the demo's tiny model)")
     parser.add_argument("--json", help="also write every model's numbers here")
     args = parser.parse_args()
-    datasets = {split: load_demo(split) for split in SPLITS}
-    results = {}
-    for path in args.models:
-        model, processor = C2FSpeechImageModel.from_pretrained(path).eval(), C2FProcessor.from_pretrained(path)
-        by_split = {split: scores_of_split(model, processor, datasets[split]) for split in SPLITS}
-        results[path] = {name: {split: by_split[split][name] for split in SPLITS} for name in by_split[SPLITS[0]]}
-        print(path, json.dumps(results[path]), flush=True)
-    print(f"\nR@1 S->I / I->S (sum), mean of {len(results)} model(s)")
-    print("| ranking | held-out voices (validation) | test |\n|---|---|---|")
-    for name in results[args.models[0]]:
-        cells = []
-        for split in SPLITS:
-            s2i, i2s = (mean(results[path][name][split][d] for path in results) for d in (0, 1))
-            cells.append(f"{s2i:.1f} / {i2s:.1f} ({s2i + i2s:.1f})")
-        print(f"| {name} | {cells[0]} | {cells[1]} |")
-    if args.json:
-        with open(args.json, "w") as out:
-            json.dump(results, out, indent=1)
+    rescore(args.models, scores_of_split, "ranking", args.json)
 
 
 if __name__ == "__main__":

@@ -62,29 +62,37 @@ def scores_of_split(model, processor, dataset) -> dict[str, tuple[float, float]]
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="trained c2f folders (the demo's tiny model)")
-    parser.add_argument("--json", help="also write every model's numbers here")
-    args = parser.parse_args()
+def rescore(models: list[str], scores_of_split, first_column: str, json_path: str | None = None) -> dict:
+    """Score every model folder with `scores_of_split(model, processor, dataset) -> {row: (s2i, i2s)}` on the
+    held-out-voice validation and test splits; print each model's numbers and the table of their means (sums of both
+    directions beside them); write them all to `json_path` if given."""
     datasets = {split: load_demo(split) for split in SPLITS}
     results = {}
-    for path in args.models:
+    for path in models:
         model, processor = C2FSpeechImageModel.from_pretrained(path).eval(), C2FProcessor.from_pretrained(path)
         by_split = {split: scores_of_split(model, processor, datasets[split]) for split in SPLITS}
-        results[path] = {variant: {split: by_split[split][variant] for split in SPLITS} for variant in VARIANTS}
+        results[path] = {name: {split: by_split[split][name] for split in SPLITS} for name in by_split[SPLITS[0]]}
         print(path, json.dumps(results[path]), flush=True)
     print(f"\nR@1 S->I / I->S (sum), mean of {len(results)} model(s)")
-    print("| views | held-out voices (validation) | test |\n|---|---|---|")
-    for name in VARIANTS:
+    print(f"| {first_column} | held-out voices (validation) | test |\n|---|---|---|")
+    for name in results[models[0]]:
         cells = []
         for split in SPLITS:
             s2i, i2s = (mean(results[path][name][split][d] for path in results) for d in (0, 1))
             cells.append(f"{s2i:.1f} / {i2s:.1f} ({s2i + i2s:.1f})")
         print(f"| {name} | {cells[0]} | {cells[1]} |")
-    if args.json:
-        with open(args.json, "w") as out:
+    if json_path:
+        with open(json_path, "w") as out:
             json.dump(results, out, indent=1)
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+", help="trained c2f folders (the demo's tiny model)")
+    parser.add_argument("--json", help="also write every model's numbers here")
+    args = parser.parse_args()
+    rescore(args.models, scores_of_split, "views", args.json)
 
 
 if __name__ == "__main__":
