@@ -10,15 +10,13 @@ The views are the model config's `test_time_speeds` and `test_time_image_shift` 
 2 px). R@1 speech->image / image->speech, per model and averaged over the models given.
 """
 
-import argparse
-
 import torch
 from torch.utils.data import DataLoader
 
 from c2f.data import SpeechImageCollator, first_row_of_each_image
 from c2f.evaluation import _flat_speech_tokens, ranking, recall_metrics
 from c2f.modeling_c2f import change_speed
-from demo_test_time_views import rescore  # this folder is on the path when a script in it runs
+from demo_test_time_views import rescore_from_command_line  # this folder is on the path when a script in it runs
 
 VIEWS = {  # name: (speech views used by SIM, image views used by SIM); "all" = every pairing of the two
     "one view": ("one", "one"),
@@ -94,11 +92,7 @@ def scores_of_split(model, processor, dataset):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("models", nargs="+", help="trained c2f folders (the demo's tiny model)")
-    parser.add_argument("--json", help="also write every model's numbers here")
-    args = parser.parse_args()
-    rescore(args.models, scores_of_split, "ranking", args.json)
+    rescore_from_command_line(__doc__, scores_of_split, "ranking")
 
 
 if __name__ == "__main__":

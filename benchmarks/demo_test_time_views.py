@@ -87,12 +87,17 @@ def rescore(models: list[str], scores_of_split, first_column: str, json_path: st
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def rescore_from_command_line(description: str, scores_of_split, first_column: str) -> dict:
+    """`rescore` the model folders named on the command line (`--json FILE` to keep every number)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="+", help="trained c2f folders (the demo's tiny model)")
     parser.add_argument("--json", help="also write every model's numbers here")
     args = parser.parse_args()
-    rescore(args.models, scores_of_split, "views", args.json)
+    return rescore(args.models, scores_of_split, first_column, args.json)
+
+
+def main():
+    rescore_from_command_line(__doc__, scores_of_split, "views")
 
 
 if __name__ == "__main__":
