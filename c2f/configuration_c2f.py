@@ -55,6 +55,12 @@ class C2FConfig(PreTrainedConfig):
         speech_frame_downsample (`int`, *optional*, defaults to 2):
             Mean-pool this many consecutive HuBERT frames (20 ms each) into one speech token. Shorter sequences make the
             speech encoder and the cross-attention cheaper; padding frames are excluded from the mean.
+        speech_encoder_positions (`str`, *optional*, defaults to `"none"`):
+            Position information the speech encoder adds to its tokens. `"none"`: only what HuBERT's relative
+            (convolutional) positions left in the frames. `"sinusoidal"`: fixed sinusoidal positions of each token's
+            index (as the original transformer), added after the input projection, so every speech token knows how
+            far into the clip it is: what tells "a red square left of a blue circle" from "a blue circle left of a red
+            square". No parameters, any length.
         speech_encoder_hidden_size (`int`, *optional*, defaults to 768):
             Width of the speech encoder and of the multimodal encoder (speech tokens are the queries of the latter).
         speech_encoder_num_layers (`int`, *optional*, defaults to 2):
@@ -111,6 +117,7 @@ class C2FConfig(PreTrainedConfig):
     vision_stem: str = "patch"
     speech_layer_pooling: str = "last"
     speech_frame_downsample: int = 2
+    speech_encoder_positions: str = "none"
     speech_encoder_hidden_size: int = 768
     speech_encoder_num_layers: int = 2
     speech_encoder_num_heads: int = 12
@@ -172,6 +179,10 @@ class C2FConfig(PreTrainedConfig):
         patch_size = self.vision_config.patch_size
         if self.vision_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"C2FConfig.vision_stem='conv' needs a power-of-two vision patch_size, got {patch_size}")
+        if self.speech_encoder_positions not in ("none", "sinusoidal"):
+            raise ValueError(
+                f"C2FConfig.speech_encoder_positions must be 'none' or 'sinusoidal', got {self.speech_encoder_positions!r}"
+            )
         if self.speech_frame_downsample < 1:
             raise ValueError(f"C2FConfig.speech_frame_downsample must be >= 1, got {self.speech_frame_downsample}")
         for width, heads in (

@@ -8,6 +8,7 @@ This file is copied verbatim to a Hub repository by `save_pretrained`: it import
 configuration file beside it. The embedding queue and the momentum model are training state and live in the trainer.
 """
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -310,6 +311,16 @@ def downsample_frames(frames: torch.Tensor, frame_mask: torch.Tensor, factor: in
     return summed / counts.clamp(min=1), counts.squeeze(-1) > 0
 
 
+def sinusoidal_positions(length: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """`[length, width]` fixed sinusoidal position codes (Vaswani et al. 2017): sines in the first half of the
+    width, cosines in the second, wavelengths from 2 pi to 10000 * 2 pi tokens."""
+    half = width // 2
+    frequencies = torch.exp(torch.arange(half, device=device, dtype=torch.float32) * (-math.log(10000.0) / max(half - 1, 1)))
+    angles = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1) * frequencies
+    codes = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(codes, (0, width - 2 * half)).to(dtype)
+
+
 def shift_images(pixel_values: torch.Tensor, down: int, right: int) -> torch.Tensor:
     """`[batch, channels, height, width]` moved by whole pixels, the border pixels repeated into the gap: the image
     shift of training (`ImageAugmentation`) and of test-time views alike. No flips: captions name left and right."""
@@ -486,6 +497,7 @@ class C2FSpeechEncoder(nn.Module):
         super().__init__()
         hidden = config.speech_encoder_hidden_size
         self.downsample = config.speech_frame_downsample
+        self.add_positions = config.speech_encoder_positions == "sinusoidal"
         self.input_projection = nn.Linear(config.speech_config.hidden_size, hidden)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, hidden))
         self.layers = nn.ModuleList(
@@ -497,6 +509,8 @@ class C2FSpeechEncoder(nn.Module):
     def forward(self, frames: torch.Tensor, frame_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         frames, frame_mask = downsample_frames(frames, frame_mask, self.downsample)
         tokens = self.input_projection(frames)
+        if self.add_positions:
+            tokens = tokens + sinusoidal_positions(tokens.shape[1], tokens.shape[2], tokens.device, tokens.dtype)
         batch = tokens.shape[0]
         tokens = torch.cat([self.cls_token.expand(batch, -1, -1), tokens], dim=1)
         token_mask = torch.cat([frame_mask.new_ones(batch, 1), frame_mask], dim=1)

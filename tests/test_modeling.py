@@ -5,7 +5,7 @@ from transformers import Blip2VisionModel
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 from c2f.backbone_checkpoints import write_blip2_checkpoint, write_hubert_checkpoint
-from c2f.modeling_c2f import C2FSpeechImageModel, downsample_frames, sic_loss
+from c2f.modeling_c2f import C2FSpeechEncoder, C2FSpeechImageModel, downsample_frames, sic_loss
 from c2f.processing_c2f import C2FProcessor
 from c2f.presets import tiny_config
 
@@ -95,6 +95,19 @@ def test_padding_does_not_change_a_clip_embedding_with_layer_norm_hubert(batch, 
         single = model.get_speech_features(alone["input_values"], alone["attention_mask"])
         padded = model.get_speech_features(batch["input_values"], batch["attention_mask"])[3:]
     assert torch.allclose(single, padded, atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["none", "sinusoidal"])
+def test_speech_positions_make_the_pooled_token_depend_on_word_order(positions):
+    """Self-attention alone cannot tell a clip from its frames reversed (its CLS output is the same); with positions
+    the order is part of what the speech tokens say."""
+    torch.manual_seed(0)
+    encoder = C2FSpeechEncoder(tiny_config(speech_encoder_positions=positions)).eval()
+    frames = torch.randn(1, 12, tiny_config().speech_config.hidden_size)
+    mask = torch.ones(1, 12, dtype=torch.bool)
+    with torch.no_grad():
+        forward, backward = encoder(frames, mask)[0][:, 0], encoder(frames.flip(1), mask)[0][:, 0]
+    assert torch.allclose(forward, backward, atol=1e-5) == (positions == "none")
 
 
 def test_precomputed_image_hidden_states_give_the_same_embeddings(model, batch):
