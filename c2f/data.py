@@ -268,6 +268,20 @@ def with_audio_lengths(dataset: Dataset, column: str = "length") -> Dataset:
     return dataset.add_column(column, [audio_frames(audio) for audio in dataset["audio"]])
 
 
+def with_mirror_axes(dataset: Dataset, name: str) -> Dataset:
+    """The dataset with its `mirror_axis` column (which mirror of each image its caption contradicts), for the trainer's
+    mirror negatives: kept when the data has one, derived from the captions for the demo, whose grammar c2f owns."""
+    if "mirror_axis" in dataset.column_names:
+        return dataset
+    if name != "demo":
+        raise ValueError(f"--mirror_negatives needs a `mirror_axis` column in the {name} training set (per record: 1 if "
+                         "a left-right mirror of the image contradicts its caption, 2 if an up-down one does, 0 if "
+                         "neither); only the demo's is derived from its captions. Or train with --mirror_negatives false")
+    from .demo.scenes import mirror_axis
+
+    return dataset.add_column("mirror_axis", [mirror_axis(caption) for caption in dataset["caption"]])
+
+
 def validate_records(dataset: Dataset, name: str, show: int = 5, min_audio_samples: int = 1) -> None:
     """Check every audio and image file once (decoding what must be decoded; clips of fewer than `min_audio_samples`
     at 16 kHz count as bad); raise one error listing the first offenders and their count."""
@@ -299,7 +313,8 @@ class SpeechImageCollator:
     `image_hidden_states` instead of `pixel_values`; likewise `speech_features` (a `SpeechFeatureCache` of a frozen
     HuBERT) gives `speech_hidden_states` + `speech_frame_mask` instead of `input_values`. With `augmentation` (a
     `SpeechAugmentation`) each clip is perturbed after decoding, and with `image_augmentation` (an
-    `ImageAugmentation`) each training image is shifted. `decoded_cache_bytes` keeps decoded waveforms (and
+    `ImageAugmentation`) each training image is shifted. A `mirror_axis` column (see `c2f.demo.scenes.mirror_axis`)
+    reaches the batch as `mirror_axes`. `decoded_cache_bytes` keeps decoded waveforms (and
     preprocessed images) in memory up to that size, so later epochs skip decoding: decoding Opus in the collator cost
     about 40% of a demo training step.
     """
@@ -366,6 +381,8 @@ class SpeechImageCollator:
         if self.image_augmentation is not None and "pixel_values" in batch:
             batch["pixel_values"] = self.image_augmentation.augment_batch(batch["pixel_values"])
         batch["image_ids"] = torch.tensor([int(record["image_id"]) for record in records])
+        if "mirror_axis" in records[0]:  # for the trainer's mirror negatives
+            batch["mirror_axes"] = torch.tensor([int(record["mirror_axis"]) for record in records])
         return batch
 
 

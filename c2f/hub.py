@@ -61,7 +61,8 @@ def training_summary(args, global_step: int, momentum_start_step: int) -> dict:
         distillation_ran=args.use_distillation and global_step > momentum_start_step,
         sim=args.use_sim,
         sim_negatives_from=(f"the batch and the last {args.sim_queue_negatives} training images"
-                            if args.sim_queue_negatives else "the batch"),
+                            if args.sim_queue_negatives else "the batch")
+                           + (", and mirror images of the batch's images" if args.mirror_negatives else ""),
         soft_targets_at=("the online temperature" if args.distill_temperature is None
                          else f"a fixed temperature of {args.distill_temperature}"),
         queue_size=args.queue_size, momentum=args.momentum, distill_alpha=args.distill_alpha,

@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from c2f.data import (SpeechImageCollator, with_audio_lengths, load_demo, load_flickr8k, load_manifest, load_speech_image_dataset,
-                      load_spokencoco, validate_records)
+                      load_spokencoco, validate_records, with_mirror_axes)
+from c2f.demo.scenes import LEFT_RIGHT_MIRROR, NO_MIRROR, UP_DOWN_MIRROR, mirror_axis
 
 
 def _wav(path, seconds=0.3):
@@ -125,6 +126,30 @@ def test_collator_batches_demo_records(processor):
     batch = SpeechImageCollator(processor)(records)
     assert batch["input_values"].shape[0] == 3 and batch["pixel_values"].shape == (3, 3, 64, 64)
     assert batch["image_ids"].dtype == torch.long and batch["attention_mask"].sum(dim=1).min() > 8000
+
+
+@pytest.mark.parametrize("caption, axis", [
+    ("a big red circle", NO_MIRROR),
+    ("a big red circle to the left of a small blue square", LEFT_RIGHT_MIRROR),
+    ("a small blue square above a big red circle", UP_DOWN_MIRROR),
+    ("a big red circle to the left of a big red circle", NO_MIRROR),  # reads the same mirrored
+    ("a big blue circle, a big green triangle and a big blue circle, from left to right", NO_MIRROR),
+    ("a big blue circle, a big green triangle and a small blue circle, from left to right", LEFT_RIGHT_MIRROR),
+])
+def test_mirror_axis_names_the_mirror_a_demo_caption_contradicts(caption, axis):
+    assert mirror_axis(caption) == axis
+
+
+def test_mirror_axes_come_from_demo_captions_or_from_the_data(processor):
+    demo = with_mirror_axes(load_demo("validation"), "demo")
+    assert demo["mirror_axis"] == [mirror_axis(caption) for caption in demo["caption"]]
+    assert {NO_MIRROR, LEFT_RIGHT_MIRROR, UP_DOWN_MIRROR} <= set(demo["mirror_axis"])
+    batch = SpeechImageCollator(processor)([demo[i] for i in range(4)])
+    assert batch["mirror_axes"].tolist() == demo["mirror_axis"][:4]
+    given = load_demo("validation").add_column("mirror_axis", [0] * len(demo))
+    assert with_mirror_axes(given, "my-data")["mirror_axis"] == [0] * len(demo)  # a column the data brings is kept
+    with pytest.raises(ValueError, match="mirror_axis"):
+        with_mirror_axes(load_demo("validation"), "my-data")
 
 
 def test_hub_style_dataset_with_audio_and_image_features(tmp_path, processor):

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from c2f.augmentation import ImageAugmentation, SpeechAugmentation
-from c2f.data import SpeechImageCollator, load_demo
+from c2f.data import SpeechImageCollator, load_demo, with_mirror_axes
 import c2f.training.trainer as trainer_module
 from c2f.modeling_c2f import C2FSpeechImageModel, sic_loss
 from c2f.presets import tiny_config, tiny_processor
@@ -115,6 +115,36 @@ def test_sim_image_queue_adds_candidates_for_the_clips_negatives(tmp_path, monke
     without_sim = _trainer(tmp_path / "no-sim", max_steps=1, use_sim=False, sim_queue_negatives=6)
     without_sim._ensure_training_state()
     assert without_sim.sim_queue is None  # nothing would read it
+
+
+def test_mirror_negatives_are_the_batch_images_mirrored_as_their_captions_say(tmp_path, monkeypatch):
+    import c2f.modeling_c2f as modeling
+
+    trainer = _trainer(tmp_path, max_steps=2, mirror_negatives=True)
+    trainer.train_dataset = with_mirror_axes(trainer.train_dataset, "demo")
+    pixels = torch.rand(3, 3, 64, 64)
+    inputs = {"pixel_values": pixels, "image_ids": torch.tensor([5, 6, 7]), "mirror_axes": torch.tensor([1, 0, 2])}
+    model = trainer.model.eval()
+    tokens, embeds, ids = trainer._mirror_negatives(model, inputs)
+    with torch.no_grad():
+        expected = model.encode_image(torch.stack([pixels[0].flip(-1), pixels[2].flip(-2)]), average_views=False)
+    assert torch.allclose(tokens, expected.image_tokens, atol=1e-5) and torch.allclose(embeds, expected.image_embeds, atol=1e-5)
+    assert ids.tolist() == [-6, -8] and tokens.requires_grad  # ids of no real image; the tower learns from them
+    assert trainer._mirror_negatives(model, {**inputs, "mirror_axes": torch.zeros(3, dtype=torch.long)}) is None
+
+    widths, sample = [], modeling.sample_hard_negatives
+
+    def recording(logits, positive_mask, generator=None):
+        widths.append(logits.shape[1])
+        return sample(logits, positive_mask, generator)
+
+    monkeypatch.setattr(modeling, "sample_hard_negatives", recording)
+    model.train()
+    trainer.train()
+    # Each step: the clips' candidate images (the batch of 4 and its mirrorable images), then each image's clips.
+    assert widths[1::2] == [4, 4] and all(width >= 4 for width in widths[0::2]) and max(widths[0::2]) > 4
+    with pytest.raises(ValueError, match="mirror_axes"):
+        trainer._mirror_negatives(model, {"pixel_values": pixels, "image_ids": torch.tensor([5, 6, 7])})
 
 
 def test_resume_from_checkpoint_is_exact(tmp_path, one_thread):

@@ -7,6 +7,7 @@ the hard negative a pooled embedding confuses and the cross-attention matching h
 
 import math
 import random
+import re
 from dataclasses import dataclass, replace
 
 from PIL import Image, ImageDraw
@@ -52,6 +53,22 @@ class Scene:
 
     def uses_held_out_pair(self) -> bool:
         return any((item.color, item.shape) in HELD_OUT_PAIRS for item in self.objects)
+
+
+# What `mirror_axis` returns: no mirror of the image contradicts its caption, a left-right mirror does, an up-down one does.
+NO_MIRROR, LEFT_RIGHT_MIRROR, UP_DOWN_MIRROR = 0, 1, 2
+_PHRASE = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})")
+
+
+def mirror_axis(caption: str) -> int:
+    """Which mirror of a demo scene's image its caption no longer describes: a left-right mirror for "to the left of"
+    and "from left to right" (the objects' order reverses), an up-down mirror for "above"; `NO_MIRROR` for one object
+    or for objects that read the same reversed (a red circle to the left of a red circle). The mirror image is then a
+    hard negative made of the right objects in the wrong arrangement, which in-batch negatives rarely offer."""
+    objects = _PHRASE.findall(caption)
+    if len(objects) < 2 or objects == objects[::-1]:
+        return NO_MIRROR
+    return UP_DOWN_MIRROR if " above " in caption else LEFT_RIGHT_MIRROR
 
 
 def random_object(rng: random.Random) -> SceneObject:

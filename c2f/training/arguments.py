@@ -20,6 +20,7 @@ class C2FTrainingArguments(TrainingArguments):
     use_queue: bool = field(default=True, metadata={"help": "Use the momentum embedding queue as extra SIC negatives."})
     use_sim: bool = field(default=True, metadata={"help": "Train the SIM matching head with hard negatives."})
     sim_queue_negatives: int = field(default=0, metadata={"help": "Draw SIM's hard-negative image for each clip from the batch and the last this many training images (their vision tokens kept on this rank), not the batch alone (0, as ALBEF). Each costs (1 + patches) x vision width floats."})
+    mirror_negatives: bool = field(default=False, metadata={"help": "SIM may also draw each clip's hard-negative image from mirror images of the batch's images that their captions contradict (the training set's `mirror_axis` column: 1 left-right, 2 up-down, 0 none; the demo derives it from its captions). The same objects in the wrong arrangement: the negatives that teach the towers where things are."})
     use_distillation: bool = field(default=True, metadata={"help": "Mix momentum soft targets into the SIC targets."})
     neighbour_batches: bool = field(default=False, metadata={"help": "Build each training batch from pairs: a random clip and a clip of an image whose caption is among its nearest (TF-IDF), so SIC and SIM meet hard negatives in every batch. Needs caption text."})
     batch_neighbours: int = field(default=3, metadata={"help": "With neighbour_batches: a partner image is drawn from this many nearest captions."})

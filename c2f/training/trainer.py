@@ -21,6 +21,14 @@ STATE_FILE = "c2f_training_state.safetensors"
 SPEECH_INPUTS = ("input_values", "attention_mask", "speech_hidden_states", "speech_frame_mask")
 
 
+def join_image_sets(*sets: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+    """Concatenate `(image_tokens, image_embeds, image_ids)` sets, skipping absent ones; None when all are."""
+    present = [images for images in sets if images is not None]
+    if len(present) <= 1:
+        return present[0] if present else None
+    return tuple(torch.cat([images[part].to(present[0][part].device) for images in present]) for part in range(3))
+
+
 def missing_checkpoint_files(folder: str | os.PathLike) -> list[str]:
     """What an exact resume needs and `folder` lacks. `trainer_state.json` is written last, so a checkpoint killed while
     saving lacks it; one killed while being rotated away lacks some of the others."""
@@ -210,6 +218,8 @@ class C2FTrainer(Trainer):
         image_inputs = {key: inputs[key] for key in ("pixel_values", "image_hidden_states") if key in inputs}
         speech_inputs = {key: inputs[key] for key in SPEECH_INPUTS if key in inputs}
         sim_negatives = self.sim_queue.items() if self.sim_queue is not None else None
+        if args.mirror_negatives and args.use_sim and model.training:
+            sim_negatives = join_image_sets(sim_negatives, self._mirror_negatives(model, inputs))
         outputs = model(**speech_inputs, **image_inputs, image_ids=image_ids, return_loss=True, compute_sim_loss=args.use_sim,
                         sim_negative_images=sim_negatives)
 
@@ -243,6 +253,24 @@ class C2FTrainer(Trainer):
         if self.sim_queue is not None and model.training:
             self.sim_queue.enqueue(outputs.image_output.image_tokens, outputs.image_embeds, image_ids)
         return (loss, outputs) if return_outputs else loss
+
+    def _mirror_negatives(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`(image_tokens, image_embeds, image_ids)` of the mirror images of the batch's images that their captions
+        contradict (`mirror_axes`: 1 left-right, 2 up-down, 0 none), as more candidates for SIM's hard negatives. Their
+        tokens keep gradients, so the vision tower learns where things are from them; their ids (`-1 - id`) match no
+        real image."""
+        if "mirror_axes" not in inputs or "pixel_values" not in inputs:
+            raise ValueError("--mirror_negatives needs `mirror_axes` in the batch (the training set's `mirror_axis` "
+                             "column) and images as pixels (not a frozen tower's feature cache)")
+        axes = inputs["mirror_axes"]
+        rows = (axes > 0).nonzero().squeeze(1)
+        if len(rows) == 0:
+            return None
+        pixels = inputs["pixel_values"][rows]
+        left_right = (axes[rows] == 1).view(-1, 1, 1, 1)
+        mirrored = torch.where(left_right, pixels.flip(-1), pixels.flip(-2))
+        output = self.accelerator.unwrap_model(model).encode_image(mirrored, average_views=False)
+        return output.image_tokens, output.image_embeds.detach(), -1 - inputs["image_ids"][rows]
 
     def _remember_for_logs(self, loss_sic: torch.Tensor, outputs, alpha: float) -> None:
         parts = {"loss_sic": loss_sic, "loss_sim": outputs.loss_sim, "temperature": outputs.temperature}
