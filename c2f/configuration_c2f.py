@@ -59,8 +59,8 @@ class C2FConfig(PreTrainedConfig):
             Position information the speech encoder adds to its tokens. `"none"`: only what HuBERT's relative
             (convolutional) positions left in the frames. `"sinusoidal"`: fixed sinusoidal positions of each token's
             index (as the original transformer), added after the input projection, so every speech token knows how
-            far into the clip it is: what tells "a red square left of a blue circle" from "a blue circle left of a red
-            square". No parameters, any length.
+            far into the clip it is: what a pooled clip needs to tell "a red square to the left of a blue circle" from
+            "a blue circle to the left of a red square". No parameters, any length.
         speech_encoder_hidden_size (`int`, *optional*, defaults to 768):
             Width of the speech encoder and of the multimodal encoder (speech tokens are the queries of the latter).
         speech_encoder_num_layers (`int`, *optional*, defaults to 2):

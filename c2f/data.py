@@ -276,7 +276,7 @@ def with_mirror_axes(dataset: Dataset, name: str) -> Dataset:
     if name != "demo":
         raise ValueError(f"--mirror_negatives needs a `mirror_axis` column in the {name} training set (per record: 1 if "
                          "a left-right mirror of the image contradicts its caption, 2 if an up-down one does, 0 if "
-                         "neither); only the demo's is derived from its captions. Or train with --mirror_negatives false")
+                         "neither); only the demo's is derived from its captions. Or train without --mirror_negatives")
     from .demo.scenes import mirror_axis
 
     return dataset.add_column("mirror_axis", [mirror_axis(caption) for caption in dataset["caption"]])

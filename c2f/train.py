@@ -108,10 +108,6 @@ class RunArguments(C2FTrainingArguments):
     # all SIM learns from. Pairing each clip with a caption neighbour took the held-out-voice validation split from
     # 60.4 / 70.0 to 63.7 / 73.8 R@1 (seed 42), and with the image shifts to 69.6 / 75.0.
     neighbour_batches: bool | None = field(default=None, metadata={"help": "Batches of (clip, clip of a caption-neighbour image) pairs (default: on for the demo, whose captions are text; off elsewhere)."})
-    # Both towers of the demo model mapped a scene and its arrangement twin (the same objects, placed otherwise) to
-    # nearly the same point, and SIC and SIM alike ranked the right one of such a pair first half the time, on the
-    # training clips too: mirror images give SIM that pair in every batch.
-    mirror_negatives: bool | None = field(default=None, metadata={"help": "SIM may also draw each clip's hard-negative image from mirror images its caption contradicts (default: on for the demo, whose captions say which; elsewhere it needs a `mirror_axis` column)."})
 
 
 def speech_augmentation(data_args: DataArguments, seed: int) -> SpeechAugmentation | None:
@@ -229,8 +225,6 @@ def main(argv=None):
 
     if training_args.neighbour_batches is None:
         training_args.neighbour_batches = data_args.dataset == "demo"
-    if training_args.mirror_negatives is None:
-        training_args.mirror_negatives = data_args.dataset == "demo"
     if not training_args.use_sim and model_args.k_test is None and not training_args.evaluation_only:
         # An untrained SIM head would re-rank at random in evaluation, in the pipeline and in the index: the saved
         # model ranks by SIC alone unless --k_test asks otherwise.
