@@ -14,12 +14,12 @@ objects, or the objects themselves. `--rows N` keeps the split's first N clips (
 """
 
 import argparse
-import re
 from collections import Counter
 
 import torch
 
 from c2f.data import load_demo
+from c2f.demo.scenes import OBJECT_PHRASE
 from c2f.evaluation import _flat_speech_tokens, encode_for_retrieval
 from c2f.modeling_c2f import C2FSpeechImageModel
 from c2f.processing_c2f import C2FProcessor
@@ -32,14 +32,13 @@ def are_siblings(first: str, second: str) -> bool:
     return sum(x != y for x, y in zip(a, b)) == 1 or sorted(a) == sorted(b)
 
 
-SCENE_OBJECT = re.compile(r"(big|small) (\w+) (circle|square|triangle|diamond)")
 DIFFERENCES = ("arrangement", "object count", "objects")
 
 
 def scene_difference(first: str, second: str) -> str:
     """What tells two demo scenes apart, from their captions: "arrangement" (the same objects, placed otherwise),
     "object count", or "objects" (at least one object's size, colour or shape)."""
-    a, b = SCENE_OBJECT.findall(first), SCENE_OBJECT.findall(second)
+    a, b = OBJECT_PHRASE.findall(first), OBJECT_PHRASE.findall(second)
     if len(a) != len(b):
         return "object count"
     return "arrangement" if sorted(a) == sorted(b) else "objects"
@@ -148,7 +147,7 @@ def main():
     for first in range(len(gallery)):
         for second in range(first + 1, len(gallery)):
             a, b = captions[gallery[first]], captions[gallery[second]]
-            if len(SCENE_OBJECT.findall(a)) > 1:
+            if len(OBJECT_PHRASE.findall(a)) > 1:
                 (twins if scene_difference(a, b) == "arrangement" else others).append(float(images[first] @ images[second]))
     if twins:
         print(f"| image embedding cosine, arrangement twins (same objects placed otherwise) / other pairs | "

@@ -57,7 +57,8 @@ class Scene:
 
 # What `mirror_axis` returns: no mirror of the image contradicts its caption, a left-right mirror does, an up-down one does.
 NO_MIRROR, LEFT_RIGHT_MIRROR, UP_DOWN_MIRROR = 0, 1, 2
-_PHRASE = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})")
+# One object's phrase in a caption; `findall` gives (size, colour, shape) per object, in the caption's order.
+OBJECT_PHRASE = re.compile(rf"a ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})")
 
 
 def mirror_axis(caption: str) -> int:
@@ -65,7 +66,7 @@ def mirror_axis(caption: str) -> int:
     and "from left to right" (the objects' order reverses), an up-down mirror for "above"; `NO_MIRROR` for one object
     or for objects that read the same reversed (a red circle to the left of a red circle). The mirror image is then a
     hard negative made of the right objects in the wrong arrangement, which in-batch negatives rarely offer."""
-    objects = _PHRASE.findall(caption)
+    objects = OBJECT_PHRASE.findall(caption)
     if len(objects) < 2 or objects == objects[::-1]:
         return NO_MIRROR
     return UP_DOWN_MIRROR if " above " in caption else LEFT_RIGHT_MIRROR
