@@ -73,6 +73,7 @@ def training_summary(args, global_step: int, momentum_start_step: int) -> dict:
             "gradient_accumulation_steps": args.gradient_accumulation_steps, "num_train_epochs": args.num_train_epochs,
             "max_steps": args.max_steps, "optimizer_steps_run": global_step, "seed": args.seed,
             "neighbour_batches": bool(args.neighbour_batches),
+            "batch_neighbours": args.batch_neighbours if args.neighbour_batches else None,
             "mixed_precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         },
     )

@@ -64,3 +64,26 @@ def test_trainer_draws_neighbour_batches(tmp_path):
     assert ids[1] == sampler.neighbours[ids[0]][0] and ids[3] == sampler.neighbours[ids[2]][0]
     trainer.train()
     assert torch.isfinite(torch.tensor([entry["loss"] for entry in trainer.state.log_history if "loss" in entry])).all()
+
+
+def test_demo_batches_pair_each_anchor_with_its_arrangement_twin():
+    """The demo's default (nearest caption only) meets an image's same-words twin whenever the image is an anchor."""
+    from c2f.train import DataArguments, RunArguments, apply_dataset_defaults
+
+    demo = RunArguments(output_dir="unused", report_to="none", use_cpu=True)
+    apply_dataset_defaults(demo, DataArguments())
+    assert (demo.neighbour_batches, demo.batch_neighbours) == (True, 1)
+    other = RunArguments(output_dir="unused", report_to="none", use_cpu=True, batch_neighbours=2)
+    apply_dataset_defaults(other, DataArguments(dataset="flickr8k"))
+    assert (other.neighbour_batches, other.batch_neighbours) == (False, 2)
+
+    dataset = load_demo("train")
+    image_ids, captions = dataset["image_id"], dataset["caption"]
+    words = {image: sorted(caption.split()) for image, caption in zip(image_ids, captions)}
+    twins = {image: {other for other, bag in words.items() if other != image and bag == bag_of}
+             for image, bag_of in words.items()}
+    sampler = NeighbourBatchSampler(image_ids, captions, batch_size=32, seed=0, neighbours=demo.batch_neighbours)
+    rows = list(sampler)
+    paired = [(image_ids[a], image_ids[p]) for a, p in zip(rows[::2], rows[1::2]) if twins[image_ids[a]]]
+    assert len(paired) > 50
+    assert all(partner in twins[anchor] for anchor, partner in paired)
