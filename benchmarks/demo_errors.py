@@ -63,11 +63,12 @@ def sibling_share_in_batches(dataset, batch_size: int) -> tuple[float, float]:
 
 def sibling_share_in_neighbour_batches(dataset, batch_size: int, epochs: int = 3) -> float:
     """The same odds, counted over a few epochs of the `NeighbourBatchSampler` the demo trains with."""
+    from c2f.train import DEMO_BATCH_NEIGHBOURS
     from c2f.training.sampling import NeighbourBatchSampler
 
     captions = captions_by_image(dataset)
     image_ids = dataset["image_id"]
-    sampler = NeighbourBatchSampler(image_ids, dataset["caption"], batch_size, seed=0)
+    sampler = NeighbourBatchSampler(image_ids, dataset["caption"], batch_size, seed=0, neighbours=DEMO_BATCH_NEIGHBOURS)
     hits = total = 0
     for epoch in range(epochs):
         sampler.set_epoch(epoch)

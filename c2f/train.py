@@ -158,6 +158,9 @@ def report_splits(data_args: DataArguments) -> list[str]:
     return [data_args.eval_split]
 
 
+DEMO_BATCH_NEIGHBOURS = 1  # a demo clip's batch partner comes from its image's nearest caption: see `batch_neighbours`
+
+
 def apply_dataset_defaults(training_args: RunArguments, data_args: DataArguments) -> None:
     """Sampling defaults that depend on the dataset: the demo's captions are text whose nearest neighbour is the scene
     a pooled embedding confuses, so its batches pair each clip with the nearest; other datasets draw plain batches."""
@@ -165,7 +168,7 @@ def apply_dataset_defaults(training_args: RunArguments, data_args: DataArguments
     if training_args.neighbour_batches is None:
         training_args.neighbour_batches = demo
     if training_args.batch_neighbours is None:
-        training_args.batch_neighbours = 1 if demo else 3
+        training_args.batch_neighbours = DEMO_BATCH_NEIGHBOURS if demo else 3
 
 
 def use_all_cores_for_a_single_cpu_process():
