@@ -168,7 +168,8 @@ def apply_dataset_defaults(training_args: RunArguments, data_args: DataArguments
     if training_args.neighbour_batches is None:
         training_args.neighbour_batches = demo
     if training_args.batch_neighbours is None:
-        training_args.batch_neighbours = DEMO_BATCH_NEIGHBOURS if demo else 3
+        training_args.batch_neighbours = (DEMO_BATCH_NEIGHBOURS if demo
+                                          else C2FTrainingArguments.__dataclass_fields__["batch_neighbours"].default)
 
 
 def use_all_cores_for_a_single_cpu_process():
