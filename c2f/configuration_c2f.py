@@ -61,6 +61,12 @@ class C2FConfig(PreTrainedConfig):
             index (as the original transformer), added after the input projection, so every speech token knows how
             far into the clip it is: what a pooled clip needs to tell "a red square to the left of a blue circle" from
             "a blue circle to the left of a red square". No parameters, any length.
+        multimodal_image_positions (`str`, *optional*, defaults to `"none"`):
+            Position information added to the image tokens the multimodal encoder's cross-attention reads. `"none"`:
+            only what the vision tower left in them (a pretrained ViT keeps where each patch is; cross-attention itself
+            is blind to token order). `"sinusoidal"`: fixed 2D sinusoidal codes of each patch's row (first half of the
+            width) and column (second half), none for the CLS token, so SIM can attend to "the left of the image". No
+            parameters; needs a square patch grid.
         speech_encoder_hidden_size (`int`, *optional*, defaults to 768):
             Width of the speech encoder and of the multimodal encoder (speech tokens are the queries of the latter).
         speech_encoder_num_layers (`int`, *optional*, defaults to 2):
@@ -118,6 +124,7 @@ class C2FConfig(PreTrainedConfig):
     speech_layer_pooling: str = "last"
     speech_frame_downsample: int = 2
     speech_encoder_positions: str = "none"
+    multimodal_image_positions: str = "none"
     speech_encoder_hidden_size: int = 768
     speech_encoder_num_layers: int = 2
     speech_encoder_num_heads: int = 12
@@ -179,10 +186,9 @@ class C2FConfig(PreTrainedConfig):
         patch_size = self.vision_config.patch_size
         if self.vision_stem == "conv" and (patch_size < 2 or patch_size & (patch_size - 1)):
             raise ValueError(f"C2FConfig.vision_stem='conv' needs a power-of-two vision patch_size, got {patch_size}")
-        if self.speech_encoder_positions not in ("none", "sinusoidal"):
-            raise ValueError(
-                f"C2FConfig.speech_encoder_positions must be 'none' or 'sinusoidal', got {self.speech_encoder_positions!r}"
-            )
+        for name in ("speech_encoder_positions", "multimodal_image_positions"):
+            if getattr(self, name) not in ("none", "sinusoidal"):
+                raise ValueError(f"C2FConfig.{name} must be 'none' or 'sinusoidal', got {getattr(self, name)!r}")
         if self.speech_frame_downsample < 1:
             raise ValueError(f"C2FConfig.speech_frame_downsample must be >= 1, got {self.speech_frame_downsample}")
         for width, heads in (

@@ -321,6 +321,18 @@ def sinusoidal_positions(length: int, width: int, device=None, dtype=None) -> to
     return F.pad(codes, (0, width - 2 * half)).to(dtype)
 
 
+def image_grid_positions(num_tokens: int, width: int, device=None, dtype=None) -> torch.Tensor:
+    """`[num_tokens, width]` codes for a ViT's tokens (CLS, then a square grid of patches row by row): zeros for CLS,
+    then each patch's row as sinusoidal codes in the first half of the width and its column in the second."""
+    side = math.isqrt(num_tokens - 1)
+    if side * side != num_tokens - 1:
+        raise ValueError(f"multimodal_image_positions needs CLS + a square patch grid; got {num_tokens} image tokens")
+    rows = sinusoidal_positions(side, width // 2, device, torch.float32)
+    columns = sinusoidal_positions(side, width - width // 2, device, torch.float32)
+    grid = torch.cat([rows[:, None].expand(-1, side, -1), columns[None].expand(side, -1, -1)], dim=-1)
+    return F.pad(grid.reshape(side * side, width), (0, 0, 1, 0)).to(dtype)
+
+
 def shift_images(pixel_values: torch.Tensor, down: int, right: int) -> torch.Tensor:
     """`[batch, channels, height, width]` moved by whole pixels, the border pixels repeated into the gap: the image
     shift of training (`ImageAugmentation`) and of test-time views alike. No flips: captions name left and right."""
@@ -534,10 +546,13 @@ class C2FMultimodalEncoder(nn.Module):
             for _ in range(config.multimodal_num_layers)
         )
         self.final_norm = nn.LayerNorm(config.speech_encoder_hidden_size, eps=config.layer_norm_eps)
+        self.add_image_positions = config.multimodal_image_positions == "sinusoidal"
 
     def forward(
         self, speech_tokens: torch.Tensor, speech_token_mask: torch.Tensor, image_tokens: torch.Tensor
     ) -> torch.Tensor:
+        if self.add_image_positions:
+            image_tokens = image_tokens + image_grid_positions(*image_tokens.shape[1:], image_tokens.device, image_tokens.dtype)
         hidden_states = speech_tokens
         for layer in self.layers:
             hidden_states = layer(hidden_states, speech_token_mask, image_tokens)

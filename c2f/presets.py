@@ -71,6 +71,12 @@ def tiny_config(**overrides) -> C2FConfig:
         speech_encoder_num_heads=4,
         speech_encoder_intermediate_size=128,
         multimodal_num_layers=1,
+        # This tower, trained from scratch through pooled embeddings, leaves little of where each patch is in its
+        # tokens, and cross-attention reads tokens as a set: SIM picked between arrangement twins at chance (51%, six
+        # GPU seeds). With 2D positions on the tokens SIM reads, seeds 0 / 1 / 2 rank the right twin first 87% / 58% /
+        # 82% of the time and re-ranking lifts test R@1 by +19 / +2 / +19 S->I; held-out voices, re-ranked, summed:
+        # +8.9 on average (docs/demo_measurements.md). No parameters: one addition per image token.
+        multimodal_image_positions="sinusoidal",
         multimodal_num_heads=4,
         multimodal_intermediate_size=128,
         embed_dim=64,

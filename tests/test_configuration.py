@@ -31,6 +31,7 @@ def test_defaults_follow_the_design_card():
         ({"speech_layer_pooling": "mean"}, "speech_layer_pooling"),
         ({"speech_frame_downsample": 0}, "speech_frame_downsample"),
         ({"speech_encoder_positions": "learned"}, "speech_encoder_positions"),
+        ({"multimodal_image_positions": "learned"}, "multimodal_image_positions"),
         ({"speech_encoder_num_heads": 5}, "speech_encoder_hidden_size"),
         ({"temperature_init": 0.9}, "temperature"),
         ({"k_test": -1}, "k_test"),

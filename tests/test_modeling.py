@@ -110,6 +110,30 @@ def test_speech_positions_make_the_pooled_token_depend_on_word_order(positions):
     assert torch.allclose(forward, backward, atol=1e-5) == (positions == "none")
 
 
+@pytest.mark.parametrize("positions", ["none", "sinusoidal"])
+def test_image_positions_let_sim_tell_an_image_from_its_mirror(positions):
+    """Cross-attention alone reads image tokens as a set: a left-right mirror of the patch grid (the same tokens in
+    another order) gets the same match logits. With image positions, where a patch is is part of what SIM reads."""
+    torch.manual_seed(0)
+    config = tiny_config(multimodal_image_positions=positions)
+    model = C2FSpeechImageModel(config).eval()
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    speech = torch.randn(1, 6, config.speech_encoder_hidden_size)
+    image = torch.randn(1, 1 + side * side, config.vision_config.hidden_size)
+    patches = image[:, 1:].reshape(1, side, side, -1)
+    mirrored = torch.cat([image[:, :1], patches.flip(2).reshape(1, side * side, -1)], dim=1)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    with torch.no_grad():
+        same = torch.allclose(model.match_logits(speech, mask, image), model.match_logits(speech, mask, mirrored), atol=1e-5)
+    assert same == (positions == "none")
+
+
+def test_image_positions_need_a_square_patch_grid():
+    encoder = C2FSpeechImageModel(tiny_config(multimodal_image_positions="sinusoidal")).multimodal_encoder
+    with pytest.raises(ValueError, match="square patch grid"):
+        encoder(torch.randn(1, 3, 64), torch.ones(1, 3, dtype=torch.bool), torch.randn(1, 7, 64))
+
+
 def test_precomputed_image_hidden_states_give_the_same_embeddings(model, batch):
     model.eval()
     model.test_time_views = False  # hidden states (a feature cache) are one view of each image
