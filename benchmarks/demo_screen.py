@@ -20,11 +20,12 @@ import math
 import os
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from demo_ablation import mean_std
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +73,8 @@ ARRANGEMENT_ROW = re.compile(r"^\| arrangement \| \d+ \(\d+%\) \| \d+ \| (\d+)% 
 
 def run_row(entry: dict) -> dict[str, float]:
     """The numbers a screen is read by: test R@1 coarse and re-ranked, the held-out-voice split (what choices are made
-    on) summed over both directions, coarse and re-ranked, and how often SIC and SIM put the right image above its arrangement twin."""
+    on) summed over both directions, coarse and re-ranked, and how often SIC and SIM put the right image above its
+    arrangement twin."""
     test, held_out = entry["results"]["demo test"], entry["results"]["demo validation_unseen_voices"]
     row = {"test S→I": test["s2i_R@1"], "test I→S": test["i2s_R@1"],
            "re-ranked S→I": test.get("reranked_s2i_R@1", math.nan), "re-ranked I→S": test.get("reranked_i2s_R@1", math.nan),
@@ -92,11 +94,7 @@ def summarize(path: Path, seeds: list[int] | None) -> str:
     columns = list(next(iter(variants.values()))[0]) if variants else []
     lines = [f"| variant | runs | {' | '.join(columns)} |", "|---" * (len(columns) + 2) + "|"]
     for name, rows in variants.items():
-        cells = []
-        for column in columns:
-            values = [row[column] for row in rows if not math.isnan(row[column])]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}" if values else "–")
+        cells = [mean_std([row[column] for row in rows if not math.isnan(row[column])]) for column in columns]
         lines.append(f"| {name} | {len(rows)} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
