@@ -157,7 +157,7 @@ def bench_kernels(size: int, repeats: int) -> tuple[list[str], list[tuple]]:
     this machine can run (`portable`, and `avx2` where the CPU has it: the index uses the last)."""
     import numpy as np
 
-    from c2f.int8_scan import _HAS_AVX2, int8_scores
+    from c2f.int8_scan import available_kernels, int8_scores
     from c2f.quantized_gallery import _int8_rows
 
     generator = torch.Generator().manual_seed(size)
@@ -165,7 +165,7 @@ def bench_kernels(size: int, repeats: int) -> tuple[list[str], list[tuple]]:
     half = gallery.half()
     stored = SpeechImageIndex(gallery, [{"id": str(i), "path": ""} for i in range(size)], "image", "bench").gallery
     codes, scales = stored.codes.numpy(), stored.scales.numpy()
-    scans = ["portable"] + (["avx2"] if _HAS_AVX2 else [])
+    scans = available_kernels(DIM)
     rows = []
     for batch in (1, 8, 64):
         queries = torch.nn.functional.normalize(torch.randn(batch, DIM, generator=generator), dim=1)

@@ -1,14 +1,21 @@
 """The gallery's first pass: int8 query codes against int8 row codes, int32 sums, scaled to float32 scores.
 
-One compiled kernel, with two dot products that give one result (the exact integer products):
+One compiled kernel, with three dot products that give one result (the exact integer products); the index runs the
+fastest one the CPU has (`scan_kernel`):
 - `portable`: plain loops that LLVM vectorises on any CPU. On x86 it sign-extends both operands to int16 and
   multiplies in pairs (vpmaddwd), 16 bytes of the row per step; on a 2-core AVX2 machine it is compute-bound: over
   1M x 256, 14.5 ms for one query (the memory delivers the 256 MB in 10.2), 571 ms for 64.
 - `avx2`: 32 bytes per step with the instructions int8 dot products are made of (as in llama.cpp's AVX2 paths): the
   query's signs applied to the row (vpsignb), |query| times that, unsigned by signed, in pairs to int16 (vpmaddubsw),
   pairs of those to int32 (vpmaddwd). Both operands are in [-127, 127], so a pair sums to at most 2 * 127 * 127 =
-  32258 and the int16 step never saturates. Numba cannot spell these instructions, so they are emitted as LLVM IR.
-  Same gallery: 11.3 ms for one query, 229 ms for 64 (a float32 GEMM through BLAS: 714).
+  32258 and the int16 step never saturates.
+- `avx512vnni`: 64 bytes per step, one instruction (vpdpbusd) multiplying unsigned by signed bytes and adding them in
+  fours to int32 sums, with no int16 step to saturate; the row is made unsigned by adding 128, and 128 times the
+  query's sum is taken off after. At 64 queries, where the scan is compute-bound, it takes about two thirds of the
+  avx2 kernel's time.
+Numba cannot spell these instructions, so the SIMD kernels are emitted as LLVM IR. They score four rows side by side
+(`ROWS_PER_STEP`), and the rows 4 KB ahead are prefetched into the caches: the one-query scan then reads the gallery
+about as fast as a plain pass over its bytes does.
 """
 
 import os
@@ -25,39 +32,57 @@ from numba.extending import intrinsic, overload
 # vectorising it (83 ms instead of 15 over 1M rows), and writing the output a row at a time strides across all
 # queries (twice as slow when the chunk width is a power of two, by cache-set conflicts).
 ROWS_PER_BLOCK = 64
-AVX2_STEP = 32
-# How far ahead of the row being scored its coming bytes are asked for (a non-temporal prefetch, one per cache line).
-# One query reads each row once and does little with it, so without the hint the cores wait on memory: over 1M x 256
-# the avx2 scan took 1.30-1.36x the time of one plain pass over the bytes, 1.11-1.16x with it (256 B to 4 KB ahead
-# measured: 1 KB was best). Issued once a row, not once a query, so batches pay nothing for it.
-PREFETCH_BYTES = 1024
+# Rows the avx2 kernel scores at once (a divisor of ROWS_PER_BLOCK). One row's sum is a chain of additions, each waiting
+# on the last; four rows' sums are four chains side by side, and they load each step's query bytes once. Over 1M x 256,
+# both with the prefetch below (medians of 30, alternating): 8 queries 27-31 ms against 35 a row at a time, one query
+# 12.4-13.0 against 13.0-14.0.
+ROWS_PER_STEP = 4
+# How far ahead of the row being scored its coming bytes are asked for (one prefetch per cache line, into every cache
+# level). One query reads each row once and does little with it, so without the hint the cores wait on memory. Over
+# 1M x 256, one query, against one plain pass over the same bytes (medians of 30, alternating): 1 KB ahead as a
+# non-temporal prefetch, 1.5-1.9x; 2-8 KB ahead non-temporal, worse (the lines leave the small non-temporal buffer
+# before they are read); 4 KB ahead into the caches, 1.1-1.2x (locality 1 to 3 the same, 8 KB the same).
+# Issued once a row, not once a query, so batches pay nothing for it.
+PREFETCH_BYTES = 4096
+PREFETCH_LOCALITY = 3
 CACHE_LINE = 64
 # Fast-math without reassociation: a score must come out with the same bits whichever copy of the scaling loop LLVM
 # made (with and without the score writes, with and without the heaps, vectorised or not), so that the one-pass short
 # list holds the very numbers the full scan gives. With reassociation allowed they differed in the last bit.
 FASTMATH = {"nnan", "ninf", "nsz"}
+# Raised when a kernel changes speed, so that the index measures its choice between this scan and a float GEMM again
+# (`quantized_gallery.best_kernel` keeps choices under it) rather than keep one made against an older scan.
+SCAN_REVISION = 2
 # numba's default threading layer must not be entered from two Python threads at once.
 KERNEL_LOCK = threading.Lock()
 
 
-def _host_has_avx2() -> bool:
+def _host_features() -> dict:
     try:
         from llvmlite import binding
 
-        return bool(binding.get_host_cpu_features().get("avx2", False))
+        return dict(binding.get_host_cpu_features())
     except Exception:  # no feature list on this platform: the portable kernel
-        return False
+        return {}
+
+
+# The SIMD kernels: the CPU features each needs and the bytes of a row it reads a step (rows must be a multiple).
+SIMD_KERNELS = {"avx512vnni": (("avx512vnni", "avx512bw"), 64), "avx2": (("avx2",), 32)}
+_HOST_FEATURES = _host_features()
+
+
+def available_kernels(dim: int) -> list[str]:
+    """The kernels this machine can run over `dim`-wide rows, `portable` first and the fastest last."""
+    return ["portable"] + [kernel for kernel, (features, step) in reversed(SIMD_KERNELS.items())
+                           if dim % step == 0 and all(_HOST_FEATURES.get(feature, False) for feature in features)]
 
 
 def scan_kernel(dim: int) -> str:
-    """`avx2` or `portable`: which kernel `int8_scores` runs for `dim`-wide rows on this machine
-    (`C2F_INT8_SCAN=portable` forces the portable one)."""
-    if os.environ.get("C2F_INT8_SCAN", "").lower() == "portable":
-        return "portable"
-    return "avx2" if dim % AVX2_STEP == 0 and _HAS_AVX2 else "portable"
-
-
-_HAS_AVX2 = _host_has_avx2()
+    """Which kernel `int8_scores` runs for `dim`-wide rows on this machine: the fastest it can run, or the one that
+    `C2F_INT8_SCAN` names (`portable`, `avx2`, `avx512vnni`) where it can."""
+    kernels = available_kernels(dim)
+    forced = os.environ.get("C2F_INT8_SCAN", "").lower()
+    return forced if forced in kernels else kernels[-1]
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, inline="always")
@@ -85,19 +110,22 @@ def _scale_block(totals, start, end, scales, query_scales, out, best, best_rows,
     is passed over in one comparison, which after the first few thousand rows is almost every block."""
     keep_scores = out.shape[1] > 0
     keep_best = best.shape[1] > 0
+    count = end - start
+    block_scales = scales[start:end]
     for query in range(totals.shape[0]):
-        top = -np.inf
-        for row in range(start, end):
-            value = np.float32(totals[query, row - start]) * scales[row] * query_scales[query]
-            if keep_scores:
-                out[query, row] = value
-            if keep_best:
-                values[row - start] = value
-                top = max(top, value)
+        # Indices counted from 0 in views of the block: with the row numbers themselves numba's handling of negative
+        # indices kept this loop scalar, a third of a 64-query scan.
+        sums, query_scale, top = totals[query], query_scales[query], -np.inf
+        for slot in range(count):
+            value = np.float32(sums[slot]) * block_scales[slot] * query_scale
+            values[slot] = value
+            top = max(top, value)
+        if keep_scores:
+            out[query, start:end] = values[:count]
         if keep_best and top > best[query, 0]:
-            for row in range(start, end):
-                if values[row - start] > best[query, 0]:
-                    _keep(values[row - start], row, best, best_rows, query)
+            for slot in range(count):
+                if values[slot] > best[query, 0]:
+                    _keep(values[slot], start + slot, best, best_rows, query)
 
 
 @intrinsic
@@ -116,83 +144,140 @@ def _prefetch_ahead(typingctx, codes, row):
         prefetch = _llvm_function(builder.module, "llvm.prefetch.p0i8", ir.VoidType(), [bytes_pointer, int32, int32, int32])
         ahead = builder.gep(codes_array.data, [builder.add(builder.mul(row_value, dim), ir.Constant(intp, PREFETCH_BYTES))])
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), dim, ir.Constant(intp, CACHE_LINE), intp) as (index, _):
-            # read (0), no temporal locality (0), data cache (1)
-            builder.call(prefetch, [builder.gep(ahead, [index]), ir.Constant(int32, 0), ir.Constant(int32, 0), ir.Constant(int32, 1)])
+            # read (0), locality, data cache (1)
+            builder.call(prefetch, [builder.gep(ahead, [index]), ir.Constant(int32, 0), ir.Constant(int32, PREFETCH_LOCALITY),
+                                    ir.Constant(int32, 1)])
         return context.get_dummy_value()
 
     return signature, codegen
-
-
-_I8x32 = ir.VectorType(ir.IntType(8), 32)
-_I16x16 = ir.VectorType(ir.IntType(16), 16)
-_I32x8 = ir.VectorType(ir.IntType(32), 8)
 
 
 def _llvm_function(module, name, returns, arguments):
     return cgutils.get_or_insert_function(module, ir.FunctionType(returns, arguments), name)
 
 
-@intrinsic
-def _dot_avx2(typingctx, codes, row, query_magnitudes, query_codes, query):
-    """`codes[row] . query_codes[query]` as int32, for C-contiguous int8 arrays whose width is a multiple of 32;
-    `query_magnitudes` holds |query_codes|."""
-    signature = types.int32(codes, row, query_magnitudes, query_codes, query)
+def _simd_dot_rows(kernel: str, rows: int):
+    """An intrinsic `(codes, row, prepared, query_codes, query, totals, slot)` that writes
+    `codes[row + r] . query_codes[query]` as int32 to `totals[query, slot + r]` for the `rows` rows from `row`, by the
+    SIMD `kernel`, for C-contiguous int8 arrays as wide as a multiple of its step; `prepared` is `_prepare(kernel, ...)`.
+    The rows share each step's query bytes and keep their own sums, so their steps do not wait on one another.
 
-    def codegen(context, builder, signature, arguments):
-        codes_value, row_value, magnitudes_value, query_value, query_index = arguments
-        codes_array = context.make_array(signature.args[0])(context, builder, codes_value)
-        magnitudes_array = context.make_array(signature.args[2])(context, builder, magnitudes_value)
-        query_array = context.make_array(signature.args[3])(context, builder, query_value)
-        dim = cgutils.unpack_tuple(builder, codes_array.shape, 2)[1]
-        intp = dim.type
-        module = builder.module
-        sign = _llvm_function(module, "llvm.x86.avx2.psign.b", _I8x32, [_I8x32, _I8x32])
-        multiply_bytes = _llvm_function(module, "llvm.x86.avx2.pmadd.ub.sw", _I16x16, [_I8x32, _I8x32])
-        multiply_words = _llvm_function(module, "llvm.x86.avx2.pmadd.wd", _I32x8, [_I16x16, _I16x16])
-        add_lanes = _llvm_function(module, "llvm.vector.reduce.add.v8i32", ir.IntType(32), [_I32x8])
-        row_start = builder.gep(codes_array.data, [builder.mul(row_value, dim)])
-        query_offset = builder.mul(query_index, dim)
-        magnitudes_start = builder.gep(magnitudes_array.data, [query_offset])
-        query_start = builder.gep(query_array.data, [query_offset])
-        total = cgutils.alloca_once_value(builder, ir.Constant(_I32x8, None))
-        ones = ir.Constant(_I16x16, [1] * 16)
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), dim, ir.Constant(intp, AVX2_STEP), intp) as (index, _):
-            def load(start):
-                return builder.load(builder.bitcast(builder.gep(start, [index]), _I8x32.as_pointer()), align=1)
+    - `avx2`, 32 bytes a step: the query's signs applied to the row (vpsignb), |query| times that, unsigned by signed,
+      in pairs to int16 (vpmaddubsw), pairs of those to int32 (vpmaddwd).
+    - `avx512vnni`, 64 bytes a step: the row made unsigned by adding 128 (flipping its top bit), then unsigned by
+      signed, in fours, added to int32 sums in one instruction (vpdpbusd); 128 times the sum of the query's codes is
+      taken off at the end."""
+    step = SIMD_KERNELS[kernel][1]
+    bytes_type = ir.VectorType(ir.IntType(8), step)
+    sums_type = ir.VectorType(ir.IntType(32), step // 4)
+    words_type = ir.VectorType(ir.IntType(16), step // 2)
 
-            signed_codes = builder.call(sign, [load(row_start), load(query_start)])
-            pairs = builder.call(multiply_bytes, [load(magnitudes_start), signed_codes])
-            builder.store(builder.add(builder.load(total), builder.call(multiply_words, [pairs, ones])), total)
-        return builder.call(add_lanes, [builder.load(total)])
+    @intrinsic
+    def dot_rows(typingctx, codes, row, prepared, query_codes, query, totals, slot):
+        signature = types.void(codes, row, prepared, query_codes, query, totals, slot)
 
-    return signature, codegen
+        def codegen(context, builder, signature, arguments):
+            codes_value, row_value, prepared_value, query_value, query_index, totals_value, slot_value = arguments
+            codes_array = context.make_array(signature.args[0])(context, builder, codes_value)
+            prepared_array = context.make_array(signature.args[2])(context, builder, prepared_value)
+            query_array = context.make_array(signature.args[3])(context, builder, query_value)
+            totals_array = context.make_array(signature.args[5])(context, builder, totals_value)
+            dim = cgutils.unpack_tuple(builder, codes_array.shape, 2)[1]
+            totals_width = cgutils.unpack_tuple(builder, totals_array.shape, 2)[1]
+            intp = dim.type
+            module = builder.module
+            add_lanes = _llvm_function(module, f"llvm.vector.reduce.add.v{step // 4}i32", ir.IntType(32), [sums_type])
+            row_starts = [builder.gep(codes_array.data, [builder.mul(builder.add(row_value, ir.Constant(intp, r)), dim)])
+                          for r in range(rows)]
+            query_offset = builder.mul(query_index, dim)
+            query_start = builder.gep(query_array.data, [query_offset])
+            sums = [cgutils.alloca_once_value(builder, ir.Constant(sums_type, None)) for _ in range(rows)]
+            with cgutils.for_range_slice(builder, ir.Constant(intp, 0), dim, ir.Constant(intp, step), intp) as (index, _):
+                def load(start):
+                    return builder.load(builder.bitcast(builder.gep(start, [index]), bytes_type.as_pointer()), align=1)
+
+                query_bytes = load(query_start)
+                if kernel == "avx2":
+                    sign = _llvm_function(module, "llvm.x86.avx2.psign.b", bytes_type, [bytes_type, bytes_type])
+                    multiply_bytes = _llvm_function(module, "llvm.x86.avx2.pmadd.ub.sw", words_type, [bytes_type, bytes_type])
+                    multiply_words = _llvm_function(module, "llvm.x86.avx2.pmadd.wd", sums_type, [words_type, words_type])
+                    magnitudes = load(builder.gep(prepared_array.data, [query_offset]))
+                    ones = ir.Constant(words_type, [1] * (step // 2))
+                    for row_start, total in zip(row_starts, sums):
+                        pairs = builder.call(multiply_bytes, [magnitudes, builder.call(sign, [load(row_start), query_bytes])])
+                        builder.store(builder.add(builder.load(total), builder.call(multiply_words, [pairs, ones])), total)
+                else:
+                    multiply_add = _llvm_function(module, "llvm.x86.avx512.vpdpbusd.512", sums_type, [sums_type] * 3)
+                    query_words = builder.bitcast(query_bytes, sums_type)
+                    top_bits = ir.Constant(bytes_type, [0x80] * step)
+                    for row_start, total in zip(row_starts, sums):
+                        unsigned = builder.bitcast(builder.xor(load(row_start), top_bits), sums_type)
+                        builder.store(builder.call(multiply_add, [builder.load(total), unsigned, query_words]), total)
+            offset = (builder.load(builder.gep(prepared_array.data, [query_index])) if kernel == "avx512vnni"
+                      else ir.Constant(ir.IntType(32), 0))
+            out = builder.gep(totals_array.data, [builder.add(builder.mul(query_index, totals_width), slot_value)])
+            for r, total in enumerate(sums):
+                value = builder.sub(builder.call(add_lanes, [builder.load(total)]), offset)
+                builder.store(value, builder.gep(out, [ir.Constant(intp, r)]))
+            return context.get_dummy_value()
+
+        return signature, codegen
+
+    return dot_rows
 
 
-def _dot(codes, row, query_magnitudes, query_codes, query):
-    """`codes[row] . query_codes[query]` as int32, in compiled code only: by the AVX2 intrinsics when `query_magnitudes`
-    (|query_codes|) is given, by plain loops that LLVM vectorises when it is None. A choice by argument type, so that
-    each kernel is its own cached specialisation of `_scores`, and the AVX2 one is never compiled where it cannot run
-    (a function passed as an argument would be, and numba does not cache such kernels)."""
+_dot_avx2_step = _simd_dot_rows("avx2", ROWS_PER_STEP)
+_dot_avx512vnni_step = _simd_dot_rows("avx512vnni", ROWS_PER_STEP)
+
+
+def _prepare(kernel: str, query_codes: np.ndarray) -> np.ndarray | None:
+    """What a kernel reads besides the query codes: |codes| (`avx2`), 128 times each query's sum of codes as int32
+    (`avx512vnni`), nothing (`portable`). Its type picks the kernel's compiled specialisation (`_dot_rows`)."""
+    if kernel == "avx2":
+        return np.abs(query_codes)
+    if kernel == "avx512vnni":
+        return 128 * query_codes.sum(axis=1, dtype=np.int32)
+    return None
+
+
+@numba.njit(cache=True, inline="always")
+def _dot_rows_portable(codes, row, count, query_codes, query, totals, slot):  # pragma: no cover - compiled
+    for r in range(count):
+        total = np.int32(0)
+        for j in range(codes.shape[1]):
+            total += np.int32(codes[row + r, j]) * np.int32(query_codes[query, j])
+        totals[query, slot + r] = total
+
+
+def _dot_rows(codes, row, count, prepared, query_codes, query, totals, slot):
+    """`totals[query, slot + r] = codes[row + r] . query_codes[query]` (int32) for `count` rows, in compiled code only,
+    by the kernel that `prepared`'s type names (`_prepare`): plain loops that LLVM vectorises for None (and for a last
+    step of fewer than `ROWS_PER_STEP` rows), `ROWS_PER_STEP` rows at once by the AVX2 intrinsics for an int8 matrix
+    and by the AVX-512 VNNI ones for an int32 vector. A choice by argument type, so that each kernel is its own cached
+    specialisation of `_scores`, and a SIMD one is never compiled where it cannot run (a function passed as an argument
+    would be, and numba does not cache such kernels)."""
     raise NotImplementedError("compiled code only")
 
 
-@overload(_dot, inline="always")
-def _dot_for(codes, row, query_magnitudes, query_codes, query):
-    if isinstance(query_magnitudes, types.NoneType):
-        def portable(codes, row, query_magnitudes, query_codes, query):  # pragma: no cover - compiled
-            total = np.int32(0)
-            for j in range(codes.shape[1]):
-                total += np.int32(codes[row, j]) * np.int32(query_codes[query, j])
-            return total
+@overload(_dot_rows, inline="always")
+def _dot_rows_for(codes, row, count, prepared, query_codes, query, totals, slot):
+    if isinstance(prepared, types.NoneType):
+        def portable(codes, row, count, prepared, query_codes, query, totals, slot):  # pragma: no cover - compiled
+            _dot_rows_portable(codes, row, count, query_codes, query, totals, slot)
         return portable
 
-    def avx2(codes, row, query_magnitudes, query_codes, query):  # pragma: no cover - compiled
-        return _dot_avx2(codes, row, query_magnitudes, query_codes, query)
-    return avx2
+    simd_step = _dot_avx2_step if prepared.ndim == 2 else _dot_avx512vnni_step
+
+    def simd(codes, row, count, prepared, query_codes, query, totals, slot):  # pragma: no cover - compiled
+        if count == ROWS_PER_STEP:
+            simd_step(codes, row, prepared, query_codes, query, totals, slot)
+        else:
+            _dot_rows_portable(codes, row, count, query_codes, query, totals, slot)
+    return simd
 
 
 @numba.njit(parallel=True, fastmath=FASTMATH, cache=True)
-def _scores(codes, scales, query_magnitudes, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
+def _scores(codes, scales, prepared, query_codes, query_scales, out, best, best_rows):  # pragma: no cover - compiled
     rows = codes.shape[0]
     queries = query_codes.shape[0]
     blocks, parts = -(-rows // ROWS_PER_BLOCK), best.shape[0]
@@ -202,10 +287,12 @@ def _scores(codes, scales, query_magnitudes, query_codes, query_scales, out, bes
         for block in range(part * blocks // parts, (part + 1) * blocks // parts):
             start = block * ROWS_PER_BLOCK
             end = min(start + ROWS_PER_BLOCK, rows)
-            for row in range(start, end):
-                _prefetch_ahead(codes, row)
+            for row in range(start, end, ROWS_PER_STEP):
+                count = min(ROWS_PER_STEP, end - row)
+                for ahead in range(row, row + count):
+                    _prefetch_ahead(codes, ahead)
                 for query in range(queries):
-                    totals[query, row - start] = _dot(codes, row, query_magnitudes, query_codes, query)
+                    _dot_rows(codes, row, count, prepared, query_codes, query, totals, row - start)
             _scale_block(totals, start, end, scales, query_scales, out, best[part], best_rows[part], values)
 
 
@@ -213,24 +300,24 @@ def _scan(codes, scales, query_codes, query_scales, out, keep, kernel):
     """Runs a kernel over all rows, split into one contiguous part per numba thread; each part keeps its own heaps of
     the `keep` best scores per query. Returns them, `([parts, queries, keep], rows)`."""
     kernel = kernel or scan_kernel(codes.shape[1])
-    if kernel == "avx2" and codes.shape[1] % AVX2_STEP:
-        raise ValueError(f"the avx2 kernel reads rows {AVX2_STEP} bytes at a time; these are {codes.shape[1]} wide")
+    if kernel in SIMD_KERNELS and codes.shape[1] % SIMD_KERNELS[kernel][1]:
+        raise ValueError(f"the {kernel} kernel reads rows {SIMD_KERNELS[kernel][1]} bytes at a time; these are "
+                         f"{codes.shape[1]} wide")
     codes, query_codes = np.ascontiguousarray(codes), np.ascontiguousarray(query_codes)
     if out is None:
         out = np.empty((len(query_codes), 0), np.float32)
     parts = numba.get_num_threads()
     best = np.full((parts, len(query_codes), keep), -np.inf, np.float32)
     best_rows = np.full((parts, len(query_codes), keep), -1, np.int64)
-    query_magnitudes = np.abs(query_codes) if kernel == "avx2" else None
     with KERNEL_LOCK:
-        _scores(codes, scales, query_magnitudes, query_codes, query_scales, out, best, best_rows)
+        _scores(codes, scales, _prepare(kernel, query_codes), query_codes, query_scales, out, best, best_rows)
     return best, best_rows
 
 
 def int8_scores(codes: np.ndarray, scales: np.ndarray, query_codes: np.ndarray, query_scales: np.ndarray,
                 out: np.ndarray, kernel: str | None = None) -> None:
     """`out[q, row] = scales[row] * query_scales[q] * (codes[row] . query_codes[q])`, all codes int8 in [-127, 127].
-    `kernel` defaults to `scan_kernel(dim)`; both give the same numbers."""
+    `kernel` defaults to `scan_kernel(dim)`; all give the same numbers."""
     _scan(codes, scales, query_codes, query_scales, out, 0, kernel)
 
 

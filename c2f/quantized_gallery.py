@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .int8_scan import int8_best, int8_scores, scan_kernel
+from .int8_scan import SCAN_REVISION, int8_best, int8_scores, scan_kernel
 
 RESIDUAL_LEVELS = 254
 # Rows re-scored exactly at first. On 1M random 256-d rows, 64 left the bound unsure for 3 queries in 256 (each costs
@@ -48,8 +48,6 @@ TENSOR_DTYPES = {"codes": torch.int8, "residuals": torch.int8, "scales": torch.f
 GEMM_ROWS = 32_768
 KERNELS = ("int8", "float32")
 _reused = threading.local()
-# Up to this many queries, the scan keeps its best rows itself (`int8_best`); more keep torch's threads busy ranking.
-HEAP_QUERIES = 4
 # Where the measured kernel choice is kept, beside numba's cache of the int8 kernel.
 KERNEL_CHOICES = Path(__file__).with_name("__pycache__") / "c2f_search_kernels.json"
 _kernel_choices: dict[str, str] | None = None
@@ -167,11 +165,13 @@ class QuantizedEmbeddings:
     def _shortlist(self, queries: torch.Tensor, query_codes: torch.Tensor, query_scales: torch.Tensor, shortlist: int,
                    chunk_scores: int, kernel: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The first pass: the `shortlist` best approximate scores of each query and their rows, best first."""
-        if kernel == "int8" and len(queries) <= HEAP_QUERIES:
-            # A few queries: one pass that keeps each thread's best rows and writes no scores (`int8_best`).
+        if kernel == "int8":
+            # One pass that keeps each thread's best rows and writes no scores (`int8_best`). Ranking every score of a
+            # chunk with torch instead took 1.3-2x as long at 8 to 256 queries over 1M rows (382-441 ms against
+            # 249-312 at 64), once the scan itself was fast.
             return tuple(torch.from_numpy(array) for array in int8_best(
                 self.codes.numpy(), self.scales.numpy(), query_codes.numpy(), query_scales.numpy(), shortlist))
-        # More queries keep torch's threads busy ranking every score of a chunk.
+        # The float32 GEMM writes every score of a chunk; torch ranks them.
         kept_scores, kept_rows = None, None
         for start, scores in self._approximate_chunks(queries, query_codes, query_scales, chunk_scores, kernel):
             scores, rows = scores.topk(min(shortlist, scores.shape[1]), dim=1)
@@ -233,8 +233,8 @@ class QuantizedEmbeddings:
 def _score_buffer(queries: int, rows: int) -> torch.Tensor:
     """A `[queries, rows]` float32 buffer for a scan's scores (CHUNK_SCORES, or more for a batch of more queries
     than that), kept per thread and reused by the next search: a fresh 4 MB buffer page-faults in at every touch,
-    1.8 ms of a 15 ms one-query search over 1M rows when one query still wrote its scores (now batches of more than
-    `HEAP_QUERIES`, the float32 kernel and the bound's second pass do)."""
+    1.8 ms of a 15 ms one-query search over 1M rows when one query still wrote its scores (now the float32 kernel
+    and the bound's second pass do)."""
     kept = getattr(_reused, "scores", None)
     if kept is None or kept.numel() < queries * rows:
         kept = _reused.scores = torch.empty(max(CHUNK_SCORES, queries * rows))
@@ -273,7 +273,7 @@ def _machine() -> str:
 
 def best_kernel(num_queries: int, dim: int) -> str:
     """The faster approximate scan for this batch size on this machine, measured once (about a second) and then kept
-    in `KERNEL_CHOICES` (keyed by machine, threads and torch version), so later processes only read it. Which one wins
+    in `KERNEL_CHOICES` (keyed by machine, threads, torch version and the scan's revision), so later processes only read it. Which one wins
     depends on the machine: int8 scans read a quarter of the bytes, BLAS GEMMs use the vector units better at large
     batches."""
     global _kernel_choices
@@ -282,8 +282,8 @@ def best_kernel(num_queries: int, dim: int) -> str:
             _kernel_choices = json.loads(KERNEL_CHOICES.read_text())
         except (OSError, ValueError):
             _kernel_choices = {}
-    key = (f"{_machine()}-{torch.get_num_threads()}threads-torch{torch.__version__}-{scan_kernel(dim)}scan-{dim}d-"
-           f"{_bucket(num_queries)}q")
+    key = (f"{_machine()}-{torch.get_num_threads()}threads-torch{torch.__version__}-{scan_kernel(dim)}scan{SCAN_REVISION}-"
+           f"{dim}d-{_bucket(num_queries)}q")
     if key not in _kernel_choices:
         timings = measure_kernels(_bucket(num_queries), dim)
         _kernel_choices[key] = min(timings, key=timings.get)

@@ -118,27 +118,31 @@ def test_broken_index_tensors_name_the_file_and_the_tensor():
         QuantizedEmbeddings.quantize(torch.tensor([[0.5, float("nan")]]))
 
 
-@pytest.mark.parametrize("dim", [64, 256])
-def test_both_scan_kernels_give_the_exact_integer_products(dim):
+@pytest.mark.parametrize("dim, rows", [(64, 301), (256, 301), (256, 3)])
+def test_both_scan_kernels_give_the_exact_integer_products(dim, rows):
+    """Every row's own product, in its own place, by every kernel this machine can run: the SIMD kernels score rows in
+    steps of several, and 301 rows end in a short step (as do 3, fewer than one step)."""
     import numpy as np
 
-    from c2f.int8_scan import _HAS_AVX2, int8_scores, scan_kernel
+    from c2f.int8_scan import available_kernels, int8_scores, scan_kernel
 
-    rng = np.random.default_rng(dim)
-    codes = rng.integers(-127, 128, (301, dim), dtype=np.int8)
+    rng = np.random.default_rng(dim + rows)
+    codes = rng.integers(-127, 128, (rows, dim), dtype=np.int8)
     codes[0], codes[1] = 127, -127  # the extremes: |pair sums| reach 2 * 127 * 127, just inside int16
     queries = rng.integers(-127, 128, (3, dim), dtype=np.int8)
     queries[0] = -127
-    scales, query_scales = rng.random(301).astype(np.float32), rng.random(3).astype(np.float32)
-    expected = (queries.astype(np.int64) @ codes.astype(np.int64).T).astype(np.float32) * scales * query_scales[:, None]
-    kernels = ["portable"] + (["avx2"] if _HAS_AVX2 else [])
+    scales, query_scales = rng.random(rows).astype(np.float32), rng.random(3).astype(np.float32)
+    products = queries.astype(np.int64) @ codes.astype(np.int64).T
+    kernels = available_kernels(dim)
     assert scan_kernel(dim) == kernels[-1]
     for kernel in kernels:
-        out = np.empty((3, 301), np.float32)
+        out = np.empty((3, rows), np.float32)
         int8_scores(codes, scales, queries, query_scales, out, kernel=kernel)
-        np.testing.assert_allclose(out, expected, rtol=1e-6)
-    with pytest.raises(ValueError, match="32 bytes at a time"):
-        int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, 301), np.float32), kernel="avx2")
+        # the kernels' own order of operations: the integer product, times the row's scale, times the query's
+        np.testing.assert_array_equal(out, products.astype(np.float32) * scales * query_scales[:, None])
+    for kernel, step in (("avx2", 32), ("avx512vnni", 64)):
+        with pytest.raises(ValueError, match=f"the {kernel} kernel reads rows {step} bytes at a time; these are 48 wide"):
+            int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, rows), np.float32), kernel=kernel)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -181,15 +185,17 @@ def test_the_scans_own_best_rows_are_the_full_scans_topk(queries, rows, k, patte
     np.testing.assert_array_equal(np.sort(found, axis=1), np.sort(expected.indices.numpy(), axis=1))
 
 
-def test_top_k_over_chunks_is_exact():
-    """Many small chunks, the last one partial, for a batch that ranks every score: still the exact top k."""
+@pytest.mark.parametrize("kernel", quantized_gallery.KERNELS)
+def test_a_batch_top_k_is_exact(kernel):
+    """A batch of queries, still the exact top k: by the float32 kernel over many small chunks, the last one partial,
+    whose every score torch ranks; by the int8 scan keeping each query's best rows itself."""
     generator = torch.Generator().manual_seed(3)
     embeddings = torch.nn.functional.normalize(torch.randn(20_011, 32, generator=generator), dim=1)
-    queries = torch.nn.functional.normalize(torch.randn(quantized_gallery.HEAP_QUERIES + 4, 32, generator=generator), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(8, 32, generator=generator), dim=1)
     # The first query's best rows straddle row 1,000, where a chunk of 8,000 / 8 scores ends.
     embeddings[995:1_005] = torch.nn.functional.normalize(queries[0] + 0.1 * torch.randn(10, 32, generator=generator), dim=1)
     gallery = QuantizedEmbeddings.quantize(embeddings)
-    best, rows = gallery.top_k(queries, 10, chunk_scores=1_000 * len(queries), kernel="int8")
+    best, rows = gallery.top_k(queries, 10, chunk_scores=1_000 * len(queries), kernel=kernel)
     expected = (queries @ gallery.dequantize().t()).topk(10, dim=1)
     assert torch.equal(rows, expected.indices)
     torch.testing.assert_close(best, expected.values)
