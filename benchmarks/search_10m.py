@@ -99,7 +99,7 @@ def main():
             recall = recall_at_10(torch.from_numpy(search(queries.numpy())[1]), exact)
             for batch in (1, 8, 64):
                 ms = timed(lambda: search(queries[:batch].numpy()), args.repeats)
-                print(f"| {label}, {setting} | {batch} | {ms:.2f} | {exact_ms[batch] / ms:.0f}x faster | {recall:.3f} |",
+                print(f"| {label}, {setting} | {batch} | {ms:.2f} | {exact_ms[batch] / ms:.1f}x faster | {recall:.3f} |",
                       flush=True)
 
     built = {}
