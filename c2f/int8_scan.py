@@ -303,6 +303,8 @@ def _scan(codes, scales, query_codes, query_scales, out, keep, kernel):
     if kernel in SIMD_KERNELS and codes.shape[1] % SIMD_KERNELS[kernel][1]:
         raise ValueError(f"the {kernel} kernel reads rows {SIMD_KERNELS[kernel][1]} bytes at a time; these are "
                          f"{codes.shape[1]} wide")
+    if kernel not in available_kernels(codes.shape[1]):  # a SIMD kernel this CPU lacks would die on its first instruction
+        raise ValueError(f"kernel {kernel!r} cannot run here; this CPU runs {available_kernels(codes.shape[1])}")
     codes, query_codes = np.ascontiguousarray(codes), np.ascontiguousarray(query_codes)
     if out is None:
         out = np.empty((len(query_codes), 0), np.float32)

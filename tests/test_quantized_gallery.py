@@ -143,6 +143,25 @@ def test_both_scan_kernels_give_the_exact_integer_products(dim, rows):
     for kernel, step in (("avx2", 32), ("avx512vnni", 64)):
         with pytest.raises(ValueError, match=f"the {kernel} kernel reads rows {step} bytes at a time; these are 48 wide"):
             int8_scores(codes[:, :48], scales, queries[:, :48], query_scales, np.empty((3, rows), np.float32), kernel=kernel)
+    with pytest.raises(ValueError, match="kernel 'avx' cannot run here"):
+        int8_scores(codes, scales, queries, query_scales, np.empty((3, rows), np.float32), kernel="avx")
+
+
+def test_a_cpu_without_the_simd_instructions_runs_the_portable_kernel_and_refuses_the_others(monkeypatch):
+    import numpy as np
+
+    from c2f import int8_scan
+
+    monkeypatch.setattr(int8_scan, "_HOST_FEATURES", {"avx2": True})  # AVX2, no AVX-512
+    assert int8_scan.available_kernels(256) == ["portable", "avx2"] and int8_scan.scan_kernel(256) == "avx2"
+    monkeypatch.setenv("C2F_INT8_SCAN", "avx512vnni")  # asked for, but not there: the fastest that is
+    assert int8_scan.scan_kernel(256) == "avx2"
+    monkeypatch.setattr(int8_scan, "_HOST_FEATURES", {})
+    assert int8_scan.scan_kernel(256) == "portable"
+    codes, queries = np.ones((4, 256), np.int8), np.ones((1, 256), np.int8)
+    with pytest.raises(ValueError, match=r"kernel 'avx2' cannot run here; this CPU runs \['portable'\]"):
+        int8_scan.int8_scores(codes, np.ones(4, np.float32), queries, np.ones(1, np.float32), np.empty((1, 4), np.float32),
+                              kernel="avx2")
 
 
 @pytest.mark.parametrize("threads", [1, 2])
