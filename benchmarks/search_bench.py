@@ -154,7 +154,7 @@ def bench_storage(size: int) -> dict:
 
 def bench_kernels(size: int, repeats: int) -> tuple[list[str], list[tuple]]:
     """Raw scoring kernels over one gallery, per batch size, no top-k: float32 and float16 products, and each int8 scan
-    this machine can run (`portable`, and `avx2` where the CPU has it: the index uses the last)."""
+    this machine can run (`portable`, then `avx2` and `avx512vnni` where the CPU has them: the index uses the last)."""
     import numpy as np
 
     from c2f.int8_scan import available_kernels, int8_scores

@@ -260,8 +260,8 @@ class SpeechImageIndex:
         - `approximate="pq"`: a product-quantised scan (faiss's fast-scan PQ: 4 bits per 8 dimensions, 16 bytes a
           row at 256-d, an eighth of the int8 plane), split into one part per thread; its `candidates` best rows are
           re-scored exactly from the stored planes, so the scores returned are exact and only a row the scan ranks
-          below `candidates` can be missed. At 10M rows on 2 cores: 13x faster than the exact scan for one query, at
-          recall@10 0.98 (README).
+          below `candidates` can be missed. At 10M rows on 2 cores: 10-11x faster than the exact scan for one query, at
+          recall@10 0.98 (README; another run of the same code measured 5.7x, and 9.5x with 256 candidates).
 
         Approximate modes trade recall for speed, and their recall depends on the gallery. HNSW and IVF follow its
         structure at scales above the nearest neighbours, and a gallery without it (10M rows in 200,000 unrelated
