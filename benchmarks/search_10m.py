@@ -1,14 +1,15 @@
-"""A 10M-row gallery, memory-mapped from disk: load time, exact search, and faiss's approximate modes against it.
+"""A 10M-row gallery, memory-mapped from disk: load time, exact search, and the approximate modes against it.
 
     python benchmarks/search_10m.py [--rows 10000000] [--dir /tmp/c2f-10m] [--queries 100]
 
 Builds a `SpeechImageIndex` of clustered random 256-d rows (groups of 50 at cosine about 0.7 to their centre, the
 generator of `search_bench.py`) a block at a time, saves it, and loads it back (memory-mapped). Then, in this one run:
 the exact search at 1 / 8 / 64 queries beside the time one pass over the int8 plane takes at the read bandwidth
-measured here, and the approximate modes (`use_faiss(approximate="pq")` at a few re-scoring depths, "ivf" at a few
-probe counts, "hnsw" at a few search depths) with recall@10 against the exact top 10 and their build times.
+measured here, and the approximate modes (`use_pq()` at a few re-scoring depths, beside faiss's fast-scan PQ of the
+same code size with the same re-scoring; `use_faiss(approximate=...)` "ivf" at a few probe counts, "hnsw" at a few
+search depths) with recall@10 against the exact top 10 and their build times.
 The index folder needs about 5.6 GB of disk; it is removed at the end unless --keep. At 10M rows on 2 CPU cores the
-HNSW graph takes about 50 minutes to build and 22 GB of memory at its peak; `--methods pq ivf` leaves it out.
+HNSW graph takes about 50 minutes to build and 22 GB of memory at its peak; `--methods pq faiss-pq ivf` leaves it out.
 """
 
 import argparse
@@ -51,6 +52,25 @@ def build(rows: int, folder: Path, generator: torch.Generator) -> torch.Tensor:
     return torch.cat(anchors)
 
 
+def faiss_pq_scan(index: SpeechImageIndex):
+    """The peer: faiss's fast-scan PQ at the same code size (4 bits per 8 dimensions), over contiguous parts of the
+    gallery, one per thread, searched in parallel (faiss scans for one query on one thread). This was the index's
+    `approximate="pq"` mode before c2f's own scan."""
+    import faiss
+
+    dim = index.gallery.dim
+    trained = faiss.IndexPQFastScan(dim, dim // 8, 4, faiss.METRIC_INNER_PRODUCT)
+    trained.train(index._training_sample(65_536).numpy())
+    parts = torch.get_num_threads()
+    shards = faiss.IndexShards(dim, True, True)  # threaded; row ids continue from part to part
+    bounds = [len(index) * part // parts for part in range(parts + 1)]
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        part = faiss.clone_index(trained)
+        index._add_rows(part, start, end, 100_000, False)
+        shards.add_shard(part)
+    return shards
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=10_000_000)
@@ -58,7 +78,8 @@ def main():
     parser.add_argument("--queries", type=int, default=100, help="queries for recall@10")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--probes", type=int, nargs="+", default=[8, 16, 32, 64])
-    parser.add_argument("--methods", nargs="*", default=["pq", "ivf", "hnsw"], choices=["pq", "ivf", "hnsw"],
+    parser.add_argument("--methods", nargs="*", default=["pq", "faiss-pq", "ivf", "hnsw"],
+                        choices=["pq", "faiss-pq", "ivf", "hnsw"],
                         help="approximate modes to measure (none: the exact search only)")
     parser.add_argument("--candidates", type=int, nargs="+", default=[256, 1024],
                         help="rows the PQ scan hands to the exact re-scoring")
@@ -105,13 +126,27 @@ def main():
     built = {}
     if "pq" in args.methods:
         start = time.perf_counter()
-        index.use_faiss(approximate="pq", progress=False)
+        index.use_pq(progress=False)
         built["pq"] = time.perf_counter() - start
         # Through the index's own search (the re-scoring included), as a user calls it.
-        approximate_rows(f"PQ scan ({index.faiss_index.count()} parts) + exact re-scoring",
-                         lambda q: (None, index.search_embeddings(torch.from_numpy(q), 10)[1].numpy()),
-                         [(f"{c} candidates", lambda c=c: setattr(index, "faiss_candidates", c)) for c in args.candidates])
-        index.faiss_index = index.faiss_candidates = None
+        approximate_rows("c2f PQ scan + exact re-scoring", lambda q: (None, index.search_embeddings(torch.from_numpy(q), 10)[1].numpy()),
+                         [(f"{c} candidates", lambda c=c: setattr(index, "pq_candidates", c)) for c in args.candidates])
+        index.pq_rows = None
+        gc.collect()
+    if "faiss-pq" in args.methods:
+        start = time.perf_counter()
+        peer = faiss_pq_scan(index)
+        built["faiss-pq"] = time.perf_counter() - start
+        candidates = {}
+
+        def faiss_then_exact(q):
+            rows = torch.from_numpy(peer.search(q, candidates["count"])[1])
+            scores, order = index.gallery.exact_scores(torch.from_numpy(q), rows).topk(10, dim=1)
+            return None, rows.gather(1, order).numpy()
+
+        approximate_rows(f"faiss fast-scan PQ ({peer.count()} parts) + the same re-scoring", faiss_then_exact,
+                         [(f"{c} candidates", lambda c=c: candidates.update(count=c)) for c in args.candidates])
+        peer = None
         gc.collect()
     if "ivf" in args.methods:
         start = time.perf_counter()

@@ -71,10 +71,15 @@ SIMD_KERNELS = {"avx512vnni": (("avx512vnni", "avx512bw"), 64), "avx2": (("avx2"
 _HOST_FEATURES = _host_features()
 
 
+def cpu_has(features) -> bool:
+    """Whether this CPU has all of `features` (LLVM's names: "avx2", "avx512bw", ...)."""
+    return all(_HOST_FEATURES.get(feature, False) for feature in features)
+
+
 def available_kernels(dim: int) -> list[str]:
     """The kernels this machine can run over `dim`-wide rows, `portable` first and the fastest last."""
     return ["portable"] + [kernel for kernel, (features, step) in reversed(SIMD_KERNELS.items())
-                           if dim % step == 0 and all(_HOST_FEATURES.get(feature, False) for feature in features)]
+                           if dim % step == 0 and cpu_has(features)]
 
 
 def scan_kernel(dim: int) -> str:

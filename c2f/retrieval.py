@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from .fingerprint import weights_fingerprint
 from .pipeline_c2f import is_query_batch
+from .pq_scan import ProductQuantizedRows
 from .quantized_gallery import QuantizedEmbeddings
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -97,7 +98,8 @@ class SpeechImageIndex:
         self.modality = modality
         self.fingerprint = fingerprint
         self.model_path = model_path  # where the model that built it lives, so the CLI can find it again
-        self.faiss_index = self.faiss_candidates = None
+        self.faiss_index = self.pq_rows = None
+        self.pq_candidates = 1024
 
     def __len__(self) -> int:
         return len(self.records)
@@ -174,7 +176,7 @@ class SpeechImageIndex:
         new = self.encode(model, processor, paths, self.modality, batch_size, progress=False)
         self.gallery = self.gallery.concat(QuantizedEmbeddings.quantize(new))
         self.records = self.records + records
-        self.faiss_index = self.faiss_candidates = None
+        self.faiss_index = self.pq_rows = None
 
     def remove(self, ids: Iterable[str]) -> int:
         """Drop items by id; returns how many were removed. Unknown ids are an error."""
@@ -185,7 +187,7 @@ class SpeechImageIndex:
         keep = [row for row, record in enumerate(self.records) if record["id"] not in ids]
         self.gallery = self.gallery.select(torch.tensor(keep, dtype=torch.long))
         self.records = [self.records[row] for row in keep]
-        self.faiss_index = self.faiss_candidates = None
+        self.faiss_index = self.pq_rows = None
         return len(ids)
 
     # ------------------------------------------------------------------ persistence
@@ -246,6 +248,22 @@ class SpeechImageIndex:
 
     # ------------------------------------------------------------------ search
 
+    def use_pq(self, candidates: int = 1024, progress: bool = True) -> None:
+        """Search by c2f's product-quantised scan (`pq_scan`) first, for galleries too large for one exact pass per
+        query: 16 bytes a 256-d row (an eighth of the int8 plane), read at about the memory's speed, shared by a batch.
+        Its `candidates` best rows a query are re-scored exactly from the stored planes, so the scores returned are
+        exact and only a row the scan ranks below them can be missed. Measured over 10M rows on 2 cores: README.
+
+        Built in memory from the stored rows (k-means on 65,536 of them, then every row encoded a shard at a time),
+        not saved; `add`, `remove` and `use_faiss` drop it, `search_embeddings` uses it while it is set."""
+        if not isinstance(candidates, int) or candidates < 1:
+            raise ValueError(f"use_pq: candidates must be an integer >= 1, got {candidates!r}")
+        bar = (lambda starts: tqdm(starts, desc="encoding rows", unit="shard")) if progress else None
+        self.faiss_index = None
+        self.pq_rows = ProductQuantizedRows.build(self._training_sample(65_536), len(self),
+                                                  lambda start, end: self.gallery.dequantize(torch.arange(start, end)), bar)
+        self.pq_candidates = candidates
+
     def use_faiss(self, approximate: bool | str = False, neighbours: int = 32, ef_search: int = 128,
                   lists: int | None = None, probes: int = 32, candidates: int = 1024, rows_per_shard: int = 100_000,
                   progress: bool = True) -> None:
@@ -256,12 +274,8 @@ class SpeechImageIndex:
           Fast to search, slow to build and as large as the float rows: up to a few million rows.
         - `approximate="ivf"`: an inverted file, rows grouped into `lists` k-means cells (default: sqrt(rows)), stored as
           fp16; a query scans its `probes` nearest cells. Built in minutes at 10M rows, half the float size.
-
-        - `approximate="pq"`: a product-quantised scan (faiss's fast-scan PQ: 4 bits per 8 dimensions, 16 bytes a
-          row at 256-d, an eighth of the int8 plane), split into one part per thread; its `candidates` best rows are
-          re-scored exactly from the stored planes, so the scores returned are exact and only a row the scan ranks
-          below `candidates` can be missed. At 10M rows on 2 cores: 10-11x faster than the exact scan for one query, at
-          recall@10 0.98 (README; another run of the same code measured 5.7x, and 9.5x with 256 candidates).
+        - `approximate="pq"`: `use_pq(candidates)`, c2f's own product-quantised scan (no faiss needed). Until the
+          nineteenth session this was faiss's fast-scan PQ, which took twice as long over 10M rows (README).
 
         Approximate modes trade recall for speed, and their recall depends on the gallery. HNSW and IVF follow its
         structure at scales above the nearest neighbours, and a gallery without it (10M rows in 200,000 unrelated
@@ -269,16 +283,16 @@ class SpeechImageIndex:
         keeps it. Measure on your own rows.
         Rows are dequantised and added a shard at a time, so memory holds one float32 shard beside the index.
         """
+        method = "hnsw" if approximate is True else approximate
+        if method == "pq":
+            self.use_pq(candidates, progress)
+            return
         try:
             import faiss
         except ImportError as error:
             raise ImportError("faiss is not installed: pip install 'c2f[faiss]'") from error
-        method = "hnsw" if approximate is True else approximate
         dim = self.gallery.dim
-        self.faiss_candidates = None
-        if method == "pq":
-            self.faiss_index, self.faiss_candidates = self._pq_scan(faiss, rows_per_shard, progress), candidates
-            return
+        self.pq_rows = None
         if method == "hnsw":
             index = faiss.IndexHNSWFlat(dim, neighbours, faiss.METRIC_INNER_PRODUCT)
             index.hnsw.efSearch = ef_search
@@ -307,29 +321,12 @@ class SpeechImageIndex:
         for first in tqdm(starts, desc="adding to faiss", unit="shard", disable=not progress or len(starts) < 2):
             index.add(self.gallery.dequantize(torch.arange(first, min(first + rows_per_shard, end))).numpy())
 
-    def _pq_scan(self, faiss, rows_per_shard: int, progress: bool):
-        """Fast-scan PQ over contiguous parts of the gallery, one per thread, searched in parallel: faiss scans for
-        one query on one thread, and the scan is what takes the time."""
-        dim = self.gallery.dim
-        if dim % 8:
-            raise ValueError(f"use_faiss(approximate='pq') splits rows into 8-dimension pieces; these have {dim}")
-        trained = faiss.IndexPQFastScan(dim, dim // 8, 4, faiss.METRIC_INNER_PRODUCT)
-        trained.train(self._training_sample(65_536).numpy())  # 16 centroids a piece: a small sample fits them
-        parts = max(1, min(torch.get_num_threads(), len(self) // 1_000))
-        index = faiss.IndexShards(dim, True, True)  # threaded; row ids continue from part to part
-        bounds = [len(self) * part // parts for part in range(parts + 1)]
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            part = faiss.clone_index(trained)
-            self._add_rows(part, start, end, rows_per_shard, progress)
-            index.add_shard(part)  # faiss's wrapper keeps the Python object alive with the index
-        return index
-
     def search_embeddings(self, queries: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`; exact unless
         an approximate mode is on (`use_faiss(approximate=...)`)."""
         queries = queries.reshape(-1, self.gallery.dim).detach().cpu().float()
-        if self.faiss_index is not None and self.faiss_candidates:
-            rows = torch.from_numpy(self.faiss_index.search(queries.numpy(), min(max(top_k, self.faiss_candidates), len(self)))[1])
+        if self.pq_rows is not None:
+            rows = torch.from_numpy(self.pq_rows.candidates(queries, max(top_k, self.pq_candidates)))
             scores, order = self.gallery.exact_scores(queries, rows).topk(min(top_k, len(self)), dim=1)
             return scores, rows.gather(1, order)
         if self.faiss_index is not None:

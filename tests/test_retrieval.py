@@ -100,44 +100,53 @@ def test_faiss_backend_gives_the_same_top_k(folders, model, processor):
     assert torch.equal(default[1], with_faiss[1]) and torch.allclose(default[0], with_faiss[0], atol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["hnsw", "ivf", "pq"])
+def _clustered_index(dim: int = 32) -> tuple[SpeechImageIndex, torch.Tensor, torch.Tensor]:
+    """3,000 rows in 60 groups of 50, 20 queries near them, and the exact top 10 of each."""
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.nn.functional.normalize(torch.randn(60, dim, generator=generator), dim=1)
+    rows = torch.nn.functional.normalize(centres.repeat_interleave(50, dim=0) + 0.7 * torch.randn(3000, dim, generator=generator) / dim**0.5, dim=1)
+    index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(3000)], "image", "test")
+    queries = torch.nn.functional.normalize(rows[torch.randint(3000, (20,), generator=generator)] + 0.1 * torch.randn(20, dim, generator=generator), dim=1)
+    return index, queries, index.search_embeddings(queries, 10)[1]
+
+
+def _recall(found: torch.Tensor, exact: torch.Tensor) -> float:
+    return sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
+
+
+@pytest.mark.parametrize("method", ["hnsw", "ivf"])
 def test_faiss_approximate_modes_keep_recall_on_clustered_rows(method):
     pytest.importorskip("faiss", reason="faiss is an optional extra")
-    generator = torch.Generator().manual_seed(0)
-    centres = torch.nn.functional.normalize(torch.randn(60, 32, generator=generator), dim=1)
-    rows = torch.nn.functional.normalize(centres.repeat_interleave(50, dim=0) + 0.7 * torch.randn(3000, 32, generator=generator) / 32**0.5, dim=1)
-    index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(3000)], "image", "test")
-    queries = torch.nn.functional.normalize(rows[torch.randint(3000, (20,), generator=generator)] + 0.1 * torch.randn(20, 32, generator=generator), dim=1)
-    exact = index.search_embeddings(queries, 10)[1]
-    # Five shards; IVF scans 4 of 54 cells; PQ (2 bytes a row at 32-d) re-scores 300 of 3000 rows.
-    index.use_faiss(approximate=method, rows_per_shard=700, probes=4, candidates=300, progress=False)
+    index, queries, exact = _clustered_index()
+    # Five shards; IVF scans 4 of 54 cells.
+    index.use_faiss(approximate=method, rows_per_shard=700, probes=4, progress=False)
     assert index.faiss_index.ntotal == 3000
-    kind = {"hnsw": "IndexHNSWFlat", "ivf": "IndexIVFScalarQuantizer", "pq": "IndexShards"}[method]
-    assert type(index.faiss_index).__name__ == kind
+    assert type(index.faiss_index).__name__ == {"hnsw": "IndexHNSWFlat", "ivf": "IndexIVFScalarQuantizer"}[method]
+    assert _recall(index.search_embeddings(queries, 10)[1], exact) >= 0.95
+
+
+@pytest.mark.parametrize("switch", ["use_pq", "use_faiss"])
+def test_pq_mode_keeps_recall_and_returns_exact_scores(switch):
+    """c2f's own PQ scan (no faiss needed; `use_faiss(approximate="pq")` is the same mode under its older name):
+    2 bytes a row at 32-d, 300 of 3,000 rows re-scored from the stored planes."""
+    index, queries, exact = _clustered_index()
+    if switch == "use_pq":
+        index.use_pq(candidates=300, progress=False)
+    else:
+        index.use_faiss(approximate="pq", candidates=300, progress=False)
+    assert index.pq_rows.packed.shape == (-(-3000 // 64), 2 * 64) and index.faiss_index is None
     scores, found = index.search_embeddings(queries, 10)
-    recall = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
-    assert recall >= 0.95
-    if method == "pq":  # re-scored from the stored rows: exact scores, best first
-        assert torch.allclose(scores, index.gallery.exact_scores(queries, found), atol=1e-6)
-        assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    assert _recall(found, exact) >= 0.95
+    assert torch.allclose(scores, index.gallery.exact_scores(queries, found), atol=1e-6)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    index.remove(["0"])  # an edit drops the codes: they would number the rows wrongly
+    assert index.pq_rows is None and len(index.search_embeddings(queries, 10)[1][0]) == 10
 
 
-def test_pq_mode_numbers_rows_across_its_parts():
-    """The PQ scan is split into one part per thread; a row found in the second part must come back as its row in the
-    gallery, not its row in the part."""
-    pytest.importorskip("faiss", reason="faiss is an optional extra")
-    generator = torch.Generator().manual_seed(1)
-    rows = torch.nn.functional.normalize(torch.randn(4000, 16, generator=generator), dim=1)
-    index = SpeechImageIndex(rows, [{"id": str(i), "path": ""} for i in range(4000)], "image", "test")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        index.use_faiss(approximate="pq", candidates=64, progress=False)
-    finally:
-        torch.set_num_threads(threads)
-    assert index.faiss_index.count() == 2
-    picked = torch.tensor([5, 1999, 2000, 3999])
-    assert torch.equal(index.search_embeddings(rows[picked], 1)[1].flatten(), picked)
+def test_pq_mode_refuses_a_non_positive_candidate_count():
+    index, _, _ = _clustered_index()
+    with pytest.raises(ValueError, match="candidates must be an integer >= 1, got 0"):
+        index.use_pq(candidates=0)
 
 
 def test_faiss_rejects_an_unknown_approximate_mode():

@@ -1,0 +1,334 @@
+"""A product-quantised first pass for galleries too large for one exact pass per query (`SpeechImageIndex.use_pq`).
+
+Each row is cut into 8-dimension pieces and each piece stored as which of 16 centroids it is nearest to: 4 bits per
+piece, 16 bytes a 256-d row, an eighth of the int8 plane. A query's inner product with every centroid of every piece,
+rounded to bytes, is a table of 16 entries a piece; a row's approximate score is the sum of its pieces' entries. With
+the table in a register, one byte shuffle (vpshufb) looks up a piece for 64 rows at once (16 per 128-bit lane), so the
+scan reads the codes about as fast as the memory delivers them, and a batch of queries shares each read. The best
+`candidates` rows by that sum go to the exact re-scoring, so only a row ranked below them can be missed.
+
+faiss's fast-scan PQ does the same; over 10M rows on this 2-core machine its scan took about twice what the memory
+needs, and its time grows with the batch where this one's reads are shared (README, docs/search_measurements.md).
+
+Layout: rows in blocks of 64; a block holds, for each pair of pieces `2p, 2p + 1`, 64 bytes, byte `r` being row `r`'s
+code of piece `2p` in its low 4 bits and of piece `2p + 1` in its high 4 bits. A block is 16 bytes a row, contiguous,
+so the scan reads the gallery front to back.
+"""
+
+import os
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .int8_scan import KERNEL_LOCK, _llvm_function, _prefetch_ahead, cpu_has
+
+PIECE_DIM = 8
+CENTROIDS = 16
+BLOCK_ROWS = 64
+# The largest table entry: two pieces' entries are added in a byte before they are widened, which saves a third of a
+# batch's work; 7 bits instead of 8 changed recall@10 over 10M rows by ... (docs/search_measurements.md).
+TABLE_TOP = 127
+# The SIMD kernels: the CPU features each needs and the bytes a shuffle covers (64 rows' codes in 64 // step steps).
+PQ_KERNELS = {"avx512bw": (("avx512bw",), 64), "avx2": (("avx2",), 32)}
+
+
+def available_pq_kernels() -> list[str]:
+    """The kernels this machine can run, `portable` first and the fastest last."""
+    return ["portable"] + [kernel for kernel, (features, _) in reversed(PQ_KERNELS.items()) if cpu_has(features)]
+
+
+def pq_kernel() -> str:
+    """The fastest kernel this machine runs, or the one `C2F_PQ_SCAN` names (`portable`, `avx2`, `avx512bw`) where it
+    can."""
+    kernels = available_pq_kernels()
+    forced = os.environ.get("C2F_PQ_SCAN", "").lower()
+    return forced if forced in kernels else kernels[-1]
+
+
+# ------------------------------------------------------------------ codebooks and codes
+
+
+def _pieces(rows: torch.Tensor) -> torch.Tensor:
+    """`[n, D]` -> `[D / 8, n, 8]`: each piece's rows side by side, for batched products against its centroids."""
+    return rows.float().reshape(len(rows), -1, PIECE_DIM).transpose(0, 1)
+
+
+def _nearest(pieces: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Each piece's nearest centroid (squared L2), `[pieces, n]` int64."""
+    distances = torch.baddbmm((codebooks * codebooks).sum(-1)[:, None, :], pieces, codebooks.transpose(1, 2), alpha=-2)
+    return distances.argmin(-1)
+
+
+def train_codebooks(sample: torch.Tensor, iterations: int = 25, seed: int = 0) -> torch.Tensor:
+    """k-means, 16 centroids for each 8-dimension piece of `sample` `[n, D]`: `[D / 8, 16, 8]` float32.
+
+    Seeded from distinct sample rows, with a fixed generator, so a rebuilt index is the same; a centroid left empty is
+    moved to a random row of its piece."""
+    if sample.shape[1] % (2 * PIECE_DIM):
+        raise ValueError(f"product quantisation cuts rows into pairs of {PIECE_DIM}-dimension pieces (a multiple of "
+                         f"{2 * PIECE_DIM} dimensions); these have {sample.shape[1]}")
+    if len(sample) < CENTROIDS:
+        raise ValueError(f"product quantisation needs at least {CENTROIDS} rows to train on, got {len(sample)}")
+    generator = torch.Generator().manual_seed(seed)
+    pieces = _pieces(sample)
+    count, rows = pieces.shape[0], pieces.shape[1]
+    codebooks = pieces[:, torch.randperm(rows, generator=generator)[:CENTROIDS]].clone()
+    for _ in range(iterations):
+        assigned = _nearest(pieces, codebooks)
+        sums = torch.zeros(count, CENTROIDS, PIECE_DIM).scatter_add_(1, assigned[..., None].expand(-1, -1, PIECE_DIM), pieces)
+        sizes = torch.zeros(count, CENTROIDS).scatter_add_(1, assigned, torch.ones(count, rows))
+        empty = sizes == 0
+        codebooks = torch.where(empty[..., None], codebooks, sums / sizes.clamp(min=1)[..., None])
+        if empty.any():
+            piece, centroid = empty.nonzero(as_tuple=True)
+            codebooks[piece, centroid] = pieces[piece, torch.randint(rows, (len(piece),), generator=generator)]
+    return codebooks.contiguous()
+
+
+def encode(rows: torch.Tensor, codebooks: torch.Tensor) -> np.ndarray:
+    """Each row's nearest centroid a piece, `[n, D / 8]` uint8 (values 0-15)."""
+    return _nearest(_pieces(rows), codebooks).T.to(torch.uint8).numpy()
+
+
+def pack(codes: np.ndarray) -> np.ndarray:
+    """`[n, pieces]` codes (n a multiple of 64) -> `[n / 64, pieces * 32]` uint8 blocks, the layout the scan reads
+    (module docstring)."""
+    blocks = codes.reshape(-1, BLOCK_ROWS, codes.shape[1])
+    pairs = blocks[..., 0::2] | (blocks[..., 1::2] << 4)
+    return np.ascontiguousarray(pairs.transpose(0, 2, 1)).reshape(len(blocks), -1)
+
+
+def lookup_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -> np.ndarray:
+    """Each query's inner product with each centroid, shifted to start at 0 per piece and scaled to 0-`TABLE_TOP` by the
+    widest piece's range, rounded: a row's sum of its entries ranks it as its approximate score does (per query).
+    Laid out as `kernel` reads it, which picks its compiled specialisation (`_block_mask`): int32 `[Q, pieces, 16]`
+    for `portable`; for the SIMD kernels the bytes repeated for each of four 128-bit lanes, `[Q, pieces, 4, 16]`
+    for avx2 (which reads two lanes of them at a time) and the same bytes as `[Q, pieces, 64]` for avx512bw."""
+    tables = torch.einsum("qmd,mcd->qmc", queries.float().reshape(len(queries), -1, PIECE_DIM), codebooks)
+    tables = tables - tables.min(-1, keepdim=True).values
+    widest = tables.amax(dim=(1, 2)).clamp(min=1e-12)
+    tables = (tables * (TABLE_TOP / widest)[:, None, None]).round().to(torch.uint8).numpy()
+    if kernel == "portable":
+        return tables.astype(np.int32)
+    lanes = np.ascontiguousarray(np.tile(tables, (1, 1, 4)))
+    return lanes.reshape(*tables.shape[:2], 4, CENTROIDS) if kernel == "avx2" else lanes
+
+
+# ------------------------------------------------------------------ the scan
+
+
+@numba.njit(cache=True, inline="always")
+def _split_codes(packed, block, indices):  # pragma: no cover - compiled
+    """A block's codes, one piece per row of `indices` `[pieces, 64]` (a byte per row, 0-15): done once a block, so
+    the queries of a batch share it."""
+    for pair in range(packed.shape[1] // BLOCK_ROWS):
+        for row in range(BLOCK_ROWS):
+            code = packed[block, pair * BLOCK_ROWS + row]
+            indices[2 * pair, row] = code & 15
+            indices[2 * pair + 1, row] = code >> 4
+
+
+@intrinsic
+def _lowest_bit(typingctx, mask):
+    """The position of the lowest set bit of a non-zero int64."""
+    signature = types.int64(types.int64)
+
+    def codegen(context, builder, signature, arguments):
+        count = _llvm_function(builder.module, "llvm.cttz.i64", ir.IntType(64), [ir.IntType(64), ir.IntType(1)])
+        return builder.call(count, [arguments[0], ir.Constant(ir.IntType(1), 1)])
+
+    return signature, codegen
+
+
+def _simd_block_mask(step: int):
+    """An intrinsic `(indices, tables, query, threshold, sums) -> mask`: the 64 sums of a block's rows for query
+    `query` into `sums` (int16, row order), and an int64 whose bit `r` says row `r`'s sum exceeds `threshold`; `step`
+    rows a shuffle.
+    - Each piece's 4-bit codes index its table (vpshufb); the entries are at most 127, so two pieces' bytes are added
+      in bytes (at most 254).
+    - Those bytes are added as 16-bit words into two sums: as they are (an even row's byte plus 256 times the next odd
+      row's), and shifted down a byte (the odd row's alone). The odd rows' sums are the second, the even rows' the
+      first minus 256 times the second; a sum is at most 127 * 32, so neither wraps past what that undoes."""
+    bytes_type = ir.VectorType(ir.IntType(8), step)
+    words_type = ir.VectorType(ir.IntType(16), step // 2)
+    shuffle_name = "llvm.x86.avx512.pshuf.b.512" if step == 64 else "llvm.x86.avx2.pshuf.b"
+
+    @intrinsic
+    def block_mask(typingctx, indices, tables, query, threshold, sums):
+        signature = types.int64(indices, tables, query, threshold, sums)
+
+        def codegen(context, builder, signature, arguments):
+            indices_value, tables_value, query_value, threshold_value, sums_value = arguments
+            indices_array = context.make_array(signature.args[0])(context, builder, indices_value)
+            tables_array = context.make_array(signature.args[1])(context, builder, tables_value)
+            sums_array = context.make_array(signature.args[4])(context, builder, sums_value)
+            pieces = cgutils.unpack_tuple(builder, indices_array.shape, 2)[0]
+            intp = pieces.type
+            module = builder.module
+            shuffle = _llvm_function(module, shuffle_name, bytes_type, [bytes_type, bytes_type])
+            row_bytes = ir.Constant(intp, BLOCK_ROWS)
+            # A piece's table is BLOCK_ROWS bytes (repeated per lane), as are its indices; a query's tables follow.
+            table_start = builder.gep(tables_array.data, [builder.mul(query_value, builder.mul(pieces, row_bytes))])
+            eight = ir.Constant(words_type, [8] * (step // 2))
+            interleave = ir.Constant(ir.VectorType(ir.IntType(32), step), [i // 2 + (step // 2) * (i % 2) for i in range(step)])
+            limit = builder.trunc(threshold_value, ir.IntType(16))
+            limits = builder.insert_element(ir.Constant(ir.VectorType(ir.IntType(16), step), None), limit,
+                                            ir.Constant(ir.IntType(32), 0))
+            limits = builder.shuffle_vector(limits, limits, ir.Constant(ir.VectorType(ir.IntType(32), step), [0] * step))
+            mask = ir.Constant(ir.IntType(64), 0)
+
+            def load(start, offset):
+                return builder.load(builder.bitcast(builder.gep(start, [offset]), bytes_type.as_pointer()), align=1)
+
+            for half in range(BLOCK_ROWS // step):
+                both = cgutils.alloca_once_value(builder, ir.Constant(words_type, None))
+                odd = cgutils.alloca_once_value(builder, ir.Constant(words_type, None))
+                pair_bytes = ir.Constant(intp, 2 * BLOCK_ROWS)
+                end = builder.mul(pieces, row_bytes)
+                with cgutils.for_range_slice(builder, ir.Constant(intp, half * step), end, pair_bytes, intp) as (at, _):
+                    second = builder.add(at, row_bytes)
+                    first_bytes = builder.call(shuffle, [load(table_start, at), load(indices_array.data, at)])
+                    second_bytes = builder.call(shuffle, [load(table_start, second), load(indices_array.data, second)])
+                    words = builder.bitcast(builder.add(first_bytes, second_bytes), words_type)
+                    builder.store(builder.add(builder.load(both), words), both)
+                    builder.store(builder.add(builder.load(odd), builder.lshr(words, eight)), odd)
+                odd_sums = builder.load(odd)
+                even_sums = builder.sub(builder.load(both), builder.shl(odd_sums, eight))
+                in_rows = builder.shuffle_vector(even_sums, odd_sums, interleave)
+                out = builder.gep(sums_array.data, [ir.Constant(intp, half * step)])
+                builder.store(in_rows, builder.bitcast(out, in_rows.type.as_pointer()), align=1)
+                above = builder.bitcast(builder.icmp_signed(">", in_rows, limits), ir.IntType(step))
+                above = builder.shl(builder.zext(above, ir.IntType(64)), ir.Constant(ir.IntType(64), half * step))
+                mask = builder.or_(mask, above)
+            return mask
+
+        return signature, codegen
+
+    return block_mask
+
+
+_block_mask_avx512bw = _simd_block_mask(64)
+_block_mask_avx2 = _simd_block_mask(32)
+
+
+@numba.njit(cache=True, inline="always")
+def _block_mask_portable(indices, tables, query, threshold, sums):  # pragma: no cover - compiled
+    mask = 0
+    for row in range(BLOCK_ROWS):
+        total = 0
+        for piece in range(indices.shape[0]):
+            total += tables[query, piece, indices[piece, row]]
+        sums[row] = total
+        if total > threshold:
+            mask |= 1 << row
+    return mask
+
+
+def _block_mask(indices, tables, query, threshold, sums):
+    """`sums` of a block's rows for query `query`, and the bit mask of those above `threshold`, in compiled code only,
+    by the kernel `tables`' layout names (`lookup_tables`): a choice by type, so each kernel is its own cached
+    specialisation of `_candidates` and a SIMD one is never compiled where it cannot run."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_block_mask, inline="always")
+def _block_mask_for(indices, tables, query, threshold, sums):
+    if tables.dtype == types.int32:
+        return lambda indices, tables, query, threshold, sums: _block_mask_portable(indices, tables, query, threshold, sums)
+    simd = _block_mask_avx2 if tables.ndim == 4 else _block_mask_avx512bw
+    return lambda indices, tables, query, threshold, sums: simd(indices, tables, query, threshold, sums)
+
+
+@numba.njit(cache=True, inline="always")
+def _admit(value, row, kept, kept_rows, counts, thresholds, query):  # pragma: no cover - compiled
+    """Appends a row that beats `thresholds[query]` to the query's buffer; a full buffer keeps its best half and
+    raises the threshold to the smallest kept. Against a heap, O(1) a row: at 64 queries and 1,024 candidates the
+    heaps' sifting took a third of the scan."""
+    slot = counts[query]
+    kept[query, slot], kept_rows[query, slot] = value, row
+    counts[query] = slot + 1
+    if slot + 1 < kept.shape[1]:
+        return
+    half = kept.shape[1] // 2
+    cut = np.partition(kept[query].copy(), kept.shape[1] - half)[kept.shape[1] - half]
+    ties = half - np.sum(kept[query] > cut)  # rows at the cut that still fit
+    size = 0
+    for slot in range(kept.shape[1]):  # in place, front to back: a row moves only forward
+        value = kept[query, slot]
+        if value > cut or (value == cut and ties > 0):
+            ties -= value == cut
+            kept[query, size], kept_rows[query, size] = value, kept_rows[query, slot]
+            size += 1
+    counts[query], thresholds[query] = size, cut
+
+
+@numba.njit(parallel=True, cache=True)
+def _candidates(packed, rows, tables, kept, kept_rows, counts):  # pragma: no cover - compiled
+    blocks, parts, queries = packed.shape[0], kept.shape[0], kept.shape[1]
+    pieces = 2 * packed.shape[1] // BLOCK_ROWS
+    for part in numba.prange(parts):
+        sums = np.empty(BLOCK_ROWS, np.int16)
+        indices = np.empty((pieces, BLOCK_ROWS), np.uint8)
+        thresholds = np.full(queries, -1, np.int32)
+        for block in range(part * blocks // parts, (part + 1) * blocks // parts):
+            _prefetch_ahead(packed, block)
+            _split_codes(packed, block, indices)
+            start = block * BLOCK_ROWS
+            for query in range(queries):
+                mask = _block_mask(indices, tables, query, thresholds[query], sums)
+                while mask != 0:
+                    slot = _lowest_bit(mask)
+                    mask &= mask - 1
+                    if start + slot < rows and sums[slot] > thresholds[query]:
+                        _admit(np.int32(sums[slot]), start + slot, kept[part], kept_rows[part], counts[part], thresholds,
+                               query)
+
+
+class ProductQuantizedRows:
+    """The 4-bit codes of a gallery's rows and the codebooks they index; `candidates` runs the scan."""
+
+    def __init__(self, codebooks: torch.Tensor, packed: np.ndarray, rows: int):
+        self.codebooks, self.packed, self.rows = codebooks, packed, rows
+
+    @classmethod
+    def build(cls, sample: torch.Tensor, rows: int, shard_rows, progress_bar=None) -> "ProductQuantizedRows":
+        """Trains codebooks on `sample`, then encodes the gallery shard by shard: `shard_rows(start, end)` gives the
+        float rows `[start, end)`, so the float gallery never exists whole."""
+        codebooks = train_codebooks(sample)
+        blocks = -(-rows // BLOCK_ROWS)
+        packed = np.zeros((blocks, codebooks.shape[0] * BLOCK_ROWS // 2), np.uint8)
+        shard = 2_048 * BLOCK_ROWS
+        starts = range(0, rows, shard)
+        for start in starts if progress_bar is None else progress_bar(starts):
+            end = min(start + shard, rows)
+            codes = np.zeros((-(-(end - start) // BLOCK_ROWS) * BLOCK_ROWS, codebooks.shape[0]), np.uint8)
+            codes[: end - start] = encode(shard_rows(start, end), codebooks)
+            packed[start // BLOCK_ROWS : start // BLOCK_ROWS + len(codes) // BLOCK_ROWS] = pack(codes)
+        return cls(codebooks, packed, rows)
+
+    def candidates(self, queries: torch.Tensor, count: int, kernel: str | None = None) -> np.ndarray:
+        """The `count` rows with the best approximate scores per query, `[Q, count]` int64, best first (ties in any
+        order). Each thread scans a contiguous part and keeps a buffer of at most `2 * count` rows per query
+        (`_admit`); the buffers are merged after."""
+        kernel = kernel or pq_kernel()
+        if kernel not in available_pq_kernels():
+            raise ValueError(f"PQ kernel {kernel!r} cannot run here; this CPU runs {available_pq_kernels()}")
+        count = min(count, self.rows)
+        tables = lookup_tables(queries, self.codebooks, kernel)
+        parts = max(1, min(numba.get_num_threads(), len(self.packed)))
+        best = np.full((parts, len(queries), 2 * count), -1, np.int32)
+        best_rows = np.zeros((parts, len(queries), 2 * count), np.int64)
+        kept = np.zeros((parts, len(queries)), np.int64)
+        with KERNEL_LOCK:
+            _candidates(self.packed, self.rows, tables, best, best_rows, kept)
+        best[np.arange(2 * count) >= kept[..., None]] = -1  # past a buffer's count: rows moved forward, or none; below any sum
+        best = best.transpose(1, 0, 2).reshape(len(queries), -1)
+        best_rows = best_rows.transpose(1, 0, 2).reshape(len(queries), -1)
+        top = np.argpartition(-best, count - 1, axis=1)[:, :count]
+        order = np.argsort(-np.take_along_axis(best, top, axis=1), axis=1, kind="stable")
+        return np.take_along_axis(np.take_along_axis(best_rows, top, axis=1), order, axis=1)
