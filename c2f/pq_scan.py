@@ -106,7 +106,7 @@ def pack(codes: np.ndarray) -> np.ndarray:
 def lookup_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -> np.ndarray:
     """Each query's inner product with each centroid, shifted to start at 0 per piece and scaled to 0-`TABLE_TOP` by the
     widest piece's range, rounded: a row's sum of its entries ranks it as its approximate score does (per query).
-    Laid out as `kernel` reads it, which picks its compiled specialisation (`_block_mask`): int32 `[Q, pieces, 16]`
+    Laid out as `kernel` reads it, which picks its compiled specialisation (`_split_mask`): int32 `[Q, pieces, 16]`
     for `portable`; for the SIMD kernels the bytes repeated for each of four 128-bit lanes, `[Q, pieces, 4, 16]`
     for avx2 (which reads two lanes of them at a time) and the same bytes as `[Q, pieces, 64]` for avx512bw."""
     tables = torch.einsum("qmd,mcd->qmc", queries.float().reshape(len(queries), -1, PIECE_DIM), codebooks)
@@ -145,10 +145,11 @@ def _lowest_bit(typingctx, mask):
     return signature, codegen
 
 
-def _simd_block_mask(step: int):
-    """An intrinsic `(indices, tables, query, threshold, sums) -> mask`: the 64 sums of a block's rows for query
+def _simd_block_mask(step: int, split: bool):
+    """An intrinsic `(codes, block, tables, query, threshold, sums) -> mask`: the 64 sums of a block's rows for query
     `query` into `sums` (int16, row order), and an int64 whose bit `r` says row `r`'s sum exceeds `threshold`; `step`
-    rows a shuffle.
+    rows a shuffle. `codes` is the packed gallery and `block` the block's number, or (`split`) the block's codes one
+    piece a row (`_split_codes`) and `block` ignored.
     - Each piece's 4-bit codes index its table (vpshufb); the entries are at most 127, so two pieces' bytes are added
       in bytes (at most 254).
     - Those bytes are added as 16-bit words into two sums: as they are (an even row's byte plus 256 times the next odd
@@ -159,21 +160,25 @@ def _simd_block_mask(step: int):
     shuffle_name = "llvm.x86.avx512.pshuf.b.512" if step == 64 else "llvm.x86.avx2.pshuf.b"
 
     @intrinsic
-    def block_mask(typingctx, indices, tables, query, threshold, sums):
-        signature = types.int64(indices, tables, query, threshold, sums)
+    def block_mask(typingctx, codes, block, tables, query, threshold, sums):
+        signature = types.int64(codes, block, tables, query, threshold, sums)
 
         def codegen(context, builder, signature, arguments):
-            indices_value, tables_value, query_value, threshold_value, sums_value = arguments
-            indices_array = context.make_array(signature.args[0])(context, builder, indices_value)
-            tables_array = context.make_array(signature.args[1])(context, builder, tables_value)
-            sums_array = context.make_array(signature.args[4])(context, builder, sums_value)
-            pieces = cgutils.unpack_tuple(builder, indices_array.shape, 2)[0]
-            intp = pieces.type
+            codes_value, block_value, tables_value, query_value, threshold_value, sums_value = arguments
+            codes_array = context.make_array(signature.args[0])(context, builder, codes_value)
+            tables_array = context.make_array(signature.args[2])(context, builder, tables_value)
+            sums_array = context.make_array(signature.args[5])(context, builder, sums_value)
+            rows_of_codes, width = cgutils.unpack_tuple(builder, codes_array.shape, 2)
+            intp = width.type
             module = builder.module
             shuffle = _llvm_function(module, shuffle_name, bytes_type, [bytes_type, bytes_type])
             row_bytes = ir.Constant(intp, BLOCK_ROWS)
-            # A piece's table is BLOCK_ROWS bytes (repeated per lane), as are its indices; a query's tables follow.
+            # A piece's table is BLOCK_ROWS bytes (repeated per lane), as are its split codes; a query's tables follow.
+            pieces = rows_of_codes if split else builder.udiv(width, ir.Constant(intp, BLOCK_ROWS // 2))
             table_start = builder.gep(tables_array.data, [builder.mul(query_value, builder.mul(pieces, row_bytes))])
+            codes_start = codes_array.data if split else builder.gep(codes_array.data, [builder.mul(block_value, width)])
+            low_bits = ir.Constant(bytes_type, [0x0F] * step)
+            four = ir.Constant(bytes_type, [4] * step)
             eight = ir.Constant(words_type, [8] * (step // 2))
             interleave = ir.Constant(ir.VectorType(ir.IntType(32), step), [i // 2 + (step // 2) * (i % 2) for i in range(step)])
             limit = builder.trunc(threshold_value, ir.IntType(16))
@@ -188,12 +193,20 @@ def _simd_block_mask(step: int):
             for half in range(BLOCK_ROWS // step):
                 both = cgutils.alloca_once_value(builder, ir.Constant(words_type, None))
                 odd = cgutils.alloca_once_value(builder, ir.Constant(words_type, None))
+                # `at`: the first piece of the pair's table (and split codes), 2 * BLOCK_ROWS bytes a pair.
                 pair_bytes = ir.Constant(intp, 2 * BLOCK_ROWS)
-                end = builder.mul(pieces, row_bytes)
-                with cgutils.for_range_slice(builder, ir.Constant(intp, half * step), end, pair_bytes, intp) as (at, _):
+                with cgutils.for_range_slice(builder, ir.Constant(intp, half * step), builder.mul(pieces, row_bytes),
+                                             pair_bytes, intp) as (at, _):
                     second = builder.add(at, row_bytes)
-                    first_bytes = builder.call(shuffle, [load(table_start, at), load(indices_array.data, at)])
-                    second_bytes = builder.call(shuffle, [load(table_start, second), load(indices_array.data, second)])
+                    if split:
+                        first_codes, second_codes = load(codes_start, at), load(codes_start, second)
+                    else:  # the pair's packed byte: BLOCK_ROWS bytes a pair, from the same half
+                        both_codes = load(codes_start, builder.udiv(builder.add(at, ir.Constant(intp, half * step)),
+                                                                    ir.Constant(intp, 2)))
+                        first_codes = builder.and_(both_codes, low_bits)
+                        second_codes = builder.and_(builder.lshr(both_codes, four), low_bits)
+                    first_bytes = builder.call(shuffle, [load(table_start, at), first_codes])
+                    second_bytes = builder.call(shuffle, [load(table_start, second), second_codes])
                     words = builder.bitcast(builder.add(first_bytes, second_bytes), words_type)
                     builder.store(builder.add(builder.load(both), words), both)
                     builder.store(builder.add(builder.load(odd), builder.lshr(words, eight)), odd)
@@ -212,12 +225,11 @@ def _simd_block_mask(step: int):
     return block_mask
 
 
-_block_mask_avx512bw = _simd_block_mask(64)
-_block_mask_avx2 = _simd_block_mask(32)
+_SIMD_BLOCK_MASKS = {(step, split): _simd_block_mask(step, split) for step in (64, 32) for split in (True, False)}
 
 
 @numba.njit(cache=True, inline="always")
-def _block_mask_portable(indices, tables, query, threshold, sums):  # pragma: no cover - compiled
+def _split_mask_portable(indices, block, tables, query, threshold, sums):  # pragma: no cover - compiled
     mask = 0
     for row in range(BLOCK_ROWS):
         total = 0
@@ -229,19 +241,41 @@ def _block_mask_portable(indices, tables, query, threshold, sums):  # pragma: no
     return mask
 
 
-def _block_mask(indices, tables, query, threshold, sums):
-    """`sums` of a block's rows for query `query`, and the bit mask of those above `threshold`, in compiled code only,
-    by the kernel `tables`' layout names (`lookup_tables`): a choice by type, so each kernel is its own cached
-    specialisation of `_candidates` and a SIMD one is never compiled where it cannot run."""
+@numba.njit(cache=True, inline="always")
+def _packed_mask_portable(packed, block, tables, query, threshold, sums):  # pragma: no cover - compiled
+    mask = 0
+    for row in range(BLOCK_ROWS):
+        total = 0
+        for pair in range(packed.shape[1] // BLOCK_ROWS):
+            code = packed[block, pair * BLOCK_ROWS + row]
+            total += tables[query, 2 * pair, code & 15] + tables[query, 2 * pair + 1, code >> 4]
+        sums[row] = total
+        if total > threshold:
+            mask |= 1 << row
+    return mask
+
+
+def _split_mask(indices, block, tables, query, threshold, sums):
+    """`sums` of a block's rows for query `query` from its split codes (`_split_codes`), and the bit mask of those
+    above `threshold`; compiled code only, by the kernel `tables`' layout names (`lookup_tables`): a choice by type,
+    so each kernel is its own cached specialisation of `_candidates` and a SIMD one is never compiled where it cannot
+    run. `_packed_mask` is the same from the packed codes of block `block`."""
     raise NotImplementedError("compiled code only")
 
 
-@overload(_block_mask, inline="always")
-def _block_mask_for(indices, tables, query, threshold, sums):
-    if tables.dtype == types.int32:
-        return lambda indices, tables, query, threshold, sums: _block_mask_portable(indices, tables, query, threshold, sums)
-    simd = _block_mask_avx2 if tables.ndim == 4 else _block_mask_avx512bw
-    return lambda indices, tables, query, threshold, sums: simd(indices, tables, query, threshold, sums)
+def _packed_mask(packed, block, tables, query, threshold, sums):
+    raise NotImplementedError("compiled code only")
+
+
+def _overload_mask(function, split: bool, portable):
+    @overload(function, inline="always")
+    def by_kernel(codes, block, tables, query, threshold, sums):
+        kernel = portable if tables.dtype == types.int32 else _SIMD_BLOCK_MASKS[(32 if tables.ndim == 4 else 64, split)]
+        return lambda codes, block, tables, query, threshold, sums: kernel(codes, block, tables, query, threshold, sums)
+
+
+_overload_mask(_split_mask, True, _split_mask_portable)
+_overload_mask(_packed_mask, False, _packed_mask_portable)
 
 
 @numba.njit(cache=True, inline="always")
@@ -267,8 +301,20 @@ def _admit(value, row, kept, kept_rows, counts, thresholds, query):  # pragma: n
     counts[query], thresholds[query] = size, cut
 
 
+@numba.njit(cache=True, inline="always")
+def _admit_mask(mask, start, rows, sums, kept, kept_rows, counts, thresholds, query):  # pragma: no cover - compiled
+    """`_admit`s the rows of a block (from row `start`) whose bits are set in `mask`, lowest first."""
+    while mask != 0:
+        slot = _lowest_bit(mask)
+        mask &= mask - 1
+        if start + slot < rows and sums[slot] > thresholds[query]:  # the threshold may have risen since
+            _admit(np.int32(sums[slot]), start + slot, kept, kept_rows, counts, thresholds, query)
+
+
 @numba.njit(parallel=True, cache=True)
-def _candidates(packed, rows, tables, kept, kept_rows, counts):  # pragma: no cover - compiled
+def _candidates(packed, rows, tables, kept, kept_rows, counts, fused):  # pragma: no cover - compiled
+    """`fused`: one query, reading each pair's packed byte and taking its two codes apart in the same step. A batch
+    takes a block's codes apart once (`_split_codes`) for all its queries."""
     blocks, parts, queries = packed.shape[0], kept.shape[0], kept.shape[1]
     pieces = 2 * packed.shape[1] // BLOCK_ROWS
     for part in numba.prange(parts):
@@ -277,16 +323,15 @@ def _candidates(packed, rows, tables, kept, kept_rows, counts):  # pragma: no co
         thresholds = np.full(queries, -1, np.int32)
         for block in range(part * blocks // parts, (part + 1) * blocks // parts):
             _prefetch_ahead(packed, block)
-            _split_codes(packed, block, indices)
             start = block * BLOCK_ROWS
+            if fused:
+                mask = _packed_mask(packed, block, tables, 0, thresholds[0], sums)
+                _admit_mask(mask, start, rows, sums, kept[part], kept_rows[part], counts[part], thresholds, 0)
+                continue
+            _split_codes(packed, block, indices)
             for query in range(queries):
-                mask = _block_mask(indices, tables, query, thresholds[query], sums)
-                while mask != 0:
-                    slot = _lowest_bit(mask)
-                    mask &= mask - 1
-                    if start + slot < rows and sums[slot] > thresholds[query]:
-                        _admit(np.int32(sums[slot]), start + slot, kept[part], kept_rows[part], counts[part], thresholds,
-                               query)
+                mask = _split_mask(indices, block, tables, query, thresholds[query], sums)
+                _admit_mask(mask, start, rows, sums, kept[part], kept_rows[part], counts[part], thresholds, query)
 
 
 class ProductQuantizedRows:
@@ -325,7 +370,7 @@ class ProductQuantizedRows:
         best_rows = np.zeros((parts, len(queries), 2 * count), np.int64)
         kept = np.zeros((parts, len(queries)), np.int64)
         with KERNEL_LOCK:
-            _candidates(self.packed, self.rows, tables, best, best_rows, kept)
+            _candidates(self.packed, self.rows, tables, best, best_rows, kept, len(queries) == 1)
         best[np.arange(2 * count) >= kept[..., None]] = -1  # past a buffer's count: rows moved forward, or none; below any sum
         best = best.transpose(1, 0, 2).reshape(len(queries), -1)
         best_rows = best_rows.transpose(1, 0, 2).reshape(len(queries), -1)

@@ -25,16 +25,18 @@ def _table_sums(tables: np.ndarray, codes: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("kernel", pq_scan.available_pq_kernels())
 @pytest.mark.parametrize("rows, count", [(5_000, 40), (3_001, 700), (70, 100)])
-def test_every_kernel_returns_the_rows_with_the_best_table_sums(kernel, rows, count):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_every_kernel_returns_the_rows_with_the_best_table_sums(kernel, rows, count, batch):
     """Against sums done by hand: rows not a multiple of 64 (the padded last block's rows must never come back), a
-    buffer that fills and halves many times (40 of 5,000), one that is most of the gallery, and more asked than rows."""
+    buffer that fills and halves many times (40 of 5,000), one that is most of the gallery, and more asked than rows;
+    one query (codes taken apart as they are read) and a batch (each block's codes taken apart once)."""
     _, pq, codes = _gallery(rows, 64, seed=rows)
-    queries = torch.nn.functional.normalize(torch.randn(3, 64, generator=torch.Generator().manual_seed(1)), dim=1)
+    queries = torch.nn.functional.normalize(torch.randn(batch, 64, generator=torch.Generator().manual_seed(1)), dim=1)
     sums = _table_sums(pq_scan.lookup_tables(queries, pq.codebooks, "portable"), codes)
     found = pq.candidates(queries, count, kernel)
     count = min(count, rows)
-    assert found.shape == (3, count)
-    for query in range(3):
+    assert found.shape == (batch, count)
+    for query in range(batch):
         assert len(set(found[query].tolist())) == count and found[query].max() < rows
         got = sums[query, found[query]]
         assert np.all(got[:-1] >= got[1:])  # best first
