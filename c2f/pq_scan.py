@@ -33,6 +33,10 @@ BLOCK_ROWS = 64
 # The largest table entry: two pieces' entries are added in a byte before they are widened, which saves a third of a
 # batch's work; 7 bits instead of 8 changed recall@10 over 10M rows by ... (docs/search_measurements.md).
 TABLE_TOP = 127
+# A batch's blocks are taken apart TILE_BLOCKS at a time (2 KB each) and scored QUERY_GROUP queries at a time (2 KB of
+# tables each), so that both stay in a core's L1 cache (48 KB here).
+TILE_BLOCKS = 8
+QUERY_GROUP = 12
 # The SIMD kernels: the CPU features each needs and the bytes a shuffle covers (64 rows' codes in 64 // step steps).
 PQ_KERNELS = {"avx512bw": (("avx512bw",), 64), "avx2": (("avx2",), 32)}
 
@@ -123,14 +127,14 @@ def lookup_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -
 
 
 @numba.njit(cache=True, inline="always")
-def _split_codes(packed, block, indices):  # pragma: no cover - compiled
-    """A block's codes, one piece per row of `indices` `[pieces, 64]` (a byte per row, 0-15): done once a block, so
-    the queries of a batch share it."""
+def _split_codes(packed, block, indices, slot):  # pragma: no cover - compiled
+    """A block's codes, one piece per row of `indices[slot]` `[pieces, 64]` (a byte per row, 0-15): done once a
+    block, so the queries of a batch share it."""
     for pair in range(packed.shape[1] // BLOCK_ROWS):
         for row in range(BLOCK_ROWS):
             code = packed[block, pair * BLOCK_ROWS + row]
-            indices[2 * pair, row] = code & 15
-            indices[2 * pair + 1, row] = code >> 4
+            indices[slot, 2 * pair, row] = code & 15
+            indices[slot, 2 * pair + 1, row] = code >> 4
 
 
 @intrinsic
@@ -148,8 +152,8 @@ def _lowest_bit(typingctx, mask):
 def _simd_block_mask(step: int, split: bool):
     """An intrinsic `(codes, block, tables, query, threshold, sums) -> mask`: the 64 sums of a block's rows for query
     `query` into `sums` (int16, row order), and an int64 whose bit `r` says row `r`'s sum exceeds `threshold`; `step`
-    rows a shuffle. `codes` is the packed gallery and `block` the block's number, or (`split`) the block's codes one
-    piece a row (`_split_codes`) and `block` ignored.
+    rows a shuffle. `codes` is the packed gallery and `block` the block's number, or (`split`) blocks' codes one
+    piece a row (`_split_codes`) and `block` the slot of this one.
     - Each piece's 4-bit codes index its table (vpshufb); the entries are at most 127, so two pieces' bytes are added
       in bytes (at most 254).
     - Those bytes are added as 16-bit words into two sums: as they are (an even row's byte plus 256 times the next odd
@@ -168,15 +172,17 @@ def _simd_block_mask(step: int, split: bool):
             codes_array = context.make_array(signature.args[0])(context, builder, codes_value)
             tables_array = context.make_array(signature.args[2])(context, builder, tables_value)
             sums_array = context.make_array(signature.args[5])(context, builder, sums_value)
-            rows_of_codes, width = cgutils.unpack_tuple(builder, codes_array.shape, 2)
+            shape = cgutils.unpack_tuple(builder, codes_array.shape, 3 if split else 2)
+            width = shape[-1]
             intp = width.type
             module = builder.module
             shuffle = _llvm_function(module, shuffle_name, bytes_type, [bytes_type, bytes_type])
             row_bytes = ir.Constant(intp, BLOCK_ROWS)
             # A piece's table is BLOCK_ROWS bytes (repeated per lane), as are its split codes; a query's tables follow.
-            pieces = rows_of_codes if split else builder.udiv(width, ir.Constant(intp, BLOCK_ROWS // 2))
+            pieces = shape[1] if split else builder.udiv(width, ir.Constant(intp, BLOCK_ROWS // 2))
             table_start = builder.gep(tables_array.data, [builder.mul(query_value, builder.mul(pieces, row_bytes))])
-            codes_start = codes_array.data if split else builder.gep(codes_array.data, [builder.mul(block_value, width)])
+            block_bytes = builder.mul(pieces, row_bytes) if split else width
+            codes_start = builder.gep(codes_array.data, [builder.mul(block_value, block_bytes)])
             low_bits = ir.Constant(bytes_type, [0x0F] * step)
             four = ir.Constant(bytes_type, [4] * step)
             eight = ir.Constant(words_type, [8] * (step // 2))
@@ -229,12 +235,12 @@ _SIMD_BLOCK_MASKS = {(step, split): _simd_block_mask(step, split) for step in (6
 
 
 @numba.njit(cache=True, inline="always")
-def _split_mask_portable(indices, block, tables, query, threshold, sums):  # pragma: no cover - compiled
+def _split_mask_portable(indices, slot, tables, query, threshold, sums):  # pragma: no cover - compiled
     mask = 0
     for row in range(BLOCK_ROWS):
         total = 0
-        for piece in range(indices.shape[0]):
-            total += tables[query, piece, indices[piece, row]]
+        for piece in range(indices.shape[1]):
+            total += tables[query, piece, indices[slot, piece, row]]
         sums[row] = total
         if total > threshold:
             mask |= 1 << row
@@ -314,24 +320,34 @@ def _admit_mask(mask, start, rows, sums, kept, kept_rows, counts, thresholds, qu
 @numba.njit(parallel=True, cache=True)
 def _candidates(packed, rows, tables, kept, kept_rows, counts, fused):  # pragma: no cover - compiled
     """`fused`: one query, reading each pair's packed byte and taking its two codes apart in the same step. A batch
-    takes a block's codes apart once (`_split_codes`) for all its queries."""
+    takes `TILE_BLOCKS` blocks' codes apart at once (`_split_codes`), then scores them for `QUERY_GROUP` queries at a
+    time, whose tables stay in the core's L1 cache."""
     blocks, parts, queries = packed.shape[0], kept.shape[0], kept.shape[1]
     pieces = 2 * packed.shape[1] // BLOCK_ROWS
     for part in numba.prange(parts):
         sums = np.empty(BLOCK_ROWS, np.int16)
-        indices = np.empty((pieces, BLOCK_ROWS), np.uint8)
+        indices = np.empty((TILE_BLOCKS, pieces, BLOCK_ROWS), np.uint8)
         thresholds = np.full(queries, -1, np.int32)
-        for block in range(part * blocks // parts, (part + 1) * blocks // parts):
-            _prefetch_ahead(packed, block)
-            start = block * BLOCK_ROWS
-            if fused:
+        # The part's views made once: a view made in the loop costs reference counting a block and query.
+        part_kept, part_rows, part_counts = kept[part], kept_rows[part], counts[part]
+        first, last = part * blocks // parts, (part + 1) * blocks // parts
+        if fused:
+            for block in range(first, last):
+                _prefetch_ahead(packed, block)
                 mask = _packed_mask(packed, block, tables, 0, thresholds[0], sums)
-                _admit_mask(mask, start, rows, sums, kept[part], kept_rows[part], counts[part], thresholds, 0)
-                continue
-            _split_codes(packed, block, indices)
-            for query in range(queries):
-                mask = _split_mask(indices, block, tables, query, thresholds[query], sums)
-                _admit_mask(mask, start, rows, sums, kept[part], kept_rows[part], counts[part], thresholds, query)
+                _admit_mask(mask, block * BLOCK_ROWS, rows, sums, part_kept, part_rows, part_counts, thresholds, 0)
+            continue
+        for tile in range(first, last, TILE_BLOCKS):
+            tile_end = min(tile + TILE_BLOCKS, last)
+            for block in range(tile, tile_end):
+                _prefetch_ahead(packed, block)
+                _split_codes(packed, block, indices, block - tile)
+            for group in range(0, queries, QUERY_GROUP):
+                for block in range(tile, tile_end):
+                    for query in range(group, min(group + QUERY_GROUP, queries)):
+                        mask = _split_mask(indices, block - tile, tables, query, thresholds[query], sums)
+                        _admit_mask(mask, block * BLOCK_ROWS, rows, sums, part_kept, part_rows, part_counts, thresholds,
+                                    query)
 
 
 class ProductQuantizedRows:
