@@ -94,7 +94,7 @@ def main():
     parser.add_argument("--methods", nargs="*", default=["pq", "faiss-pq", "ivf", "hnsw"],
                         choices=["pq", "faiss-pq", "ivf", "hnsw"],
                         help="approximate modes to measure (none: the exact search only)")
-    parser.add_argument("--candidates", type=int, nargs="+", default=[256, 1024],
+    parser.add_argument("--candidates", type=int, nargs="+", default=[256, 512, 1024],
                         help="rows the PQ scan hands to the exact re-scoring")
     parser.add_argument("--neighbours", type=int, default=16, help="HNSW links a node")
     parser.add_argument("--ef_search", type=int, nargs="+", default=[64, 128, 256])
