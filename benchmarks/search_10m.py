@@ -7,7 +7,9 @@ generator of `search_bench.py`) a block at a time, saves it, and loads it back (
 the exact search at 1 / 8 / 64 queries beside the time one pass over the int8 plane takes at the read bandwidth
 measured here, and the approximate modes (`use_pq()` at a few re-scoring depths, beside faiss's fast-scan PQ of the
 same code size with the same re-scoring; `use_faiss(approximate=...)` "ivf" at a few probe counts, "hnsw" at a few
-search depths) with recall@10 against the exact top 10 and their build times.
+search depths) with recall@10 against the exact top 10 and their build times. One query of each approximate mode is
+also timed in turns with the exact search (this VM's speed drifts within minutes, so a ratio of medians taken minutes
+apart swings by 2x). `--keep` leaves the index folder, and `--reuse` searches it again without building.
 The index folder needs about 5.6 GB of disk; it is removed at the end unless --keep. At 10M rows on 2 CPU cores the
 HNSW graph takes about 50 minutes to build and 22 GB of memory at its peak; `--methods pq faiss-pq ivf` leaves it out.
 """

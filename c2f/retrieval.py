@@ -278,7 +278,8 @@ class SpeechImageIndex:
         - `approximate="ivf"`: an inverted file, rows grouped into `lists` k-means cells (default: sqrt(rows)), stored as
           fp16; a query scans its `probes` nearest cells. Built in minutes at 10M rows, half the float size.
         - `approximate="pq"`: `use_pq(candidates)`, c2f's own product-quantised scan (no faiss needed). Until the
-          nineteenth session this was faiss's fast-scan PQ, which took twice as long over 10M rows (README).
+          nineteenth session this was faiss's fast-scan PQ, which took 1.15-1.5x as long for one query over 10M rows
+          at the same code size (in turns), and 1.0-2.2x as long for 8 or 64 queries (README).
 
         Approximate modes trade recall for speed, and their recall depends on the gallery. HNSW and IVF follow its
         structure at scales above the nearest neighbours, and a gallery without it (10M rows in 200,000 unrelated
