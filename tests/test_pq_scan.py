@@ -43,6 +43,25 @@ def test_every_kernel_returns_the_rows_with_the_best_table_sums(kernel, rows, co
         assert np.array_equal(got, np.sort(sums[query])[::-1][:count])  # the best sums (ties may pick either row)
 
 
+@pytest.mark.parametrize("kernel", pq_scan.available_pq_kernels())
+def test_rows_tied_at_the_cut_fill_half_the_buffer(kernel):
+    """Runs of 1,600 copies of one row, then 1,600 of a better one, twice (so each thread's part sees both): each
+    query's buffer fills with equal sums, and a compaction must keep exactly half of it; keeping every tie would leave
+    no room for the better rows that come after. The rows returned are distinct, with the best sums."""
+    worse, better = torch.nn.functional.normalize(torch.randn(2, 64, generator=torch.Generator().manual_seed(4)), dim=1)
+    rows = torch.cat([worse.expand(1_600, 64), better.expand(1_600, 64)]).repeat(2, 1)
+    codebooks = pq_scan.train_codebooks(rows + 0.01 * torch.randn(rows.shape, generator=torch.Generator().manual_seed(5)))
+    codes = pq_scan.encode(rows, codebooks)
+    pq = ProductQuantizedRows(codebooks, pq_scan.pack(codes), len(rows))
+    queries = torch.stack([better, better + worse])
+    sums = _table_sums(pq_scan.lookup_tables(queries, codebooks, "portable"), codes)
+    assert sums[0, 0] < sums[0, 1_600]  # the better row scores higher
+    found = pq.candidates(queries, 40, kernel)
+    for query in range(2):
+        assert len(set(found[query].tolist())) == 40
+        assert np.array_equal(sums[query, found[query]], np.sort(sums[query])[::-1][:40])
+
+
 def test_the_scan_numbers_rows_across_its_parts():
     """Each thread scans its own contiguous part; a row the second part finds must come back as its gallery row."""
     if numba.config.NUMBA_NUM_THREADS < 2:
