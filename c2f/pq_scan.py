@@ -27,7 +27,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .int8_scan import KERNEL_LOCK, _llvm_function, _prefetch_ahead, cpu_has
+from .int8_scan import KERNEL_LOCK, _llvm_function, _prefetch_ahead, cpu_has, merge_parts
 
 PIECE_DIM = 8
 CENTROIDS = 16
@@ -117,11 +117,13 @@ def lookup_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -
     widest piece's range, rounded: a row's sum of its entries ranks it as its approximate score does (per query).
     Laid out as `kernel` reads it, which picks its compiled specialisation (`_split_mask`): int32 `[Q, pieces, 16]`
     for `portable`; for the SIMD kernels the bytes repeated for each of four 128-bit lanes, `[Q, pieces, 4, 16]`
-    for avx2 (which reads two lanes of them at a time) and the same bytes as `[Q, pieces, 64]` for avx512bw."""
-    tables = torch.einsum("qmd,mcd->qmc", queries.float().reshape(len(queries), -1, PIECE_DIM), codebooks)
-    tables = tables - tables.min(-1, keepdim=True).values
-    widest = tables.amax(dim=(1, 2)).clamp(min=1e-12)
-    tables = (tables * (TABLE_TOP / widest)[:, None, None]).round().to(torch.uint8).numpy()
+    for avx2 (which reads two lanes of them at a time) and the same bytes as `[Q, pieces, 64]` for avx512bw.
+    In numpy, on the calling thread, like everything around the scan (`int8_scan.best_first` says why)."""
+    pieces = queries.detach().float().numpy().reshape(len(queries), -1, PIECE_DIM)
+    tables = np.einsum("qmd,mcd->qmc", pieces, codebooks.numpy())
+    tables -= tables.min(axis=-1, keepdims=True)
+    widest = np.maximum(tables.max(axis=(1, 2)), np.float32(1e-12))
+    tables = np.rint(tables * (TABLE_TOP / widest)[:, None, None]).astype(np.uint8)
     if kernel == "portable":
         return tables.astype(np.int32)
     lanes = np.ascontiguousarray(np.tile(tables, (1, 1, 4)))
@@ -393,8 +395,4 @@ class ProductQuantizedRows:
         with KERNEL_LOCK:
             _candidates(self.packed, self.rows, tables, best, best_rows, kept, len(queries) == 1)
         best[np.arange(2 * count) >= kept[..., None]] = -1  # past a buffer's count: rows moved forward, or none; below any sum
-        best = best.transpose(1, 0, 2).reshape(len(queries), -1)
-        best_rows = best_rows.transpose(1, 0, 2).reshape(len(queries), -1)
-        top = np.argpartition(-best, count - 1, axis=1)[:, :count]
-        order = np.argsort(-np.take_along_axis(best, top, axis=1), axis=1, kind="stable")
-        return np.take_along_axis(np.take_along_axis(best_rows, top, axis=1), order, axis=1)
+        return merge_parts(best, best_rows, count)[1]

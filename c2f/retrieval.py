@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .fingerprint import weights_fingerprint
+from .int8_scan import best_first
 from .pipeline_c2f import is_query_batch
 from .pq_scan import ProductQuantizedRows
 from .quantized_gallery import QuantizedEmbeddings
@@ -330,9 +331,10 @@ class SpeechImageIndex:
         an approximate mode is on (`use_faiss(approximate=...)`)."""
         queries = queries.reshape(-1, self.gallery.dim).detach().cpu().float()
         if self.pq_rows is not None:
-            rows = torch.from_numpy(self.pq_rows.candidates(queries, max(top_k, self.pq_candidates)))
-            scores, order = self.gallery.exact_scores(queries, rows).topk(min(top_k, len(self)), dim=1)
-            return scores, rows.gather(1, order)
+            rows = self.pq_rows.candidates(queries, max(top_k, self.pq_candidates))
+            scores, rows = best_first(self.gallery.exact_scores(queries, torch.from_numpy(rows)).numpy(), rows,
+                                      min(top_k, len(self)))
+            return torch.from_numpy(scores), torch.from_numpy(rows)
         if self.faiss_index is not None:
             scores, index = self.faiss_index.search(queries.numpy(), min(top_k, len(self)))
             return torch.from_numpy(scores), torch.from_numpy(index)
