@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from search_bench import DIM, bandwidth_bound_ms, make_gallery, queries_near, recall_at_10, timed  # noqa: E402
 
+from c2f.int8_scan import best_first  # noqa: E402
 from c2f.quantized_gallery import TENSOR_DTYPES, QuantizedEmbeddings  # noqa: E402
 from c2f.retrieval import SpeechImageIndex  # noqa: E402
 
@@ -165,10 +166,9 @@ def main():
         built["faiss-pq"] = time.perf_counter() - start
         candidates = {}
 
-        def faiss_then_exact(q):
-            rows = torch.from_numpy(peer.search(q, candidates["count"])[1])
-            scores, order = index.gallery.exact_scores(torch.from_numpy(q), rows).topk(10, dim=1)
-            return None, rows.gather(1, order).numpy()
+        def faiss_then_exact(q):  # the index's re-scoring and top-k, in numpy as the index does them
+            rows = peer.search(q, candidates["count"])[1]
+            return best_first(index.gallery.exact_scores(torch.from_numpy(q), torch.from_numpy(rows)).numpy(), rows, 10)
 
         approximate_rows(f"faiss fast-scan PQ ({peer.count()} parts) + the same re-scoring", faiss_then_exact,
                          [(f"{c} candidates", lambda c=c: candidates.update(count=c)) for c in args.candidates])
