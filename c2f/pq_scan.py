@@ -379,16 +379,17 @@ class ProductQuantizedRows:
             packed[start // BLOCK_ROWS : start // BLOCK_ROWS + len(codes) // BLOCK_ROWS] = pack(codes)
         return cls(codebooks, packed, rows)
 
-    def candidates(self, queries: torch.Tensor, count: int, kernel: str | None = None) -> np.ndarray:
+    def candidates(self, queries: torch.Tensor, count: int, kernel: str | None = None,
+                   parts: int | None = None) -> np.ndarray:
         """The `count` rows with the best approximate scores per query, `[Q, count]` int64, best first (ties in any
-        order). Each thread scans a contiguous part and keeps a buffer of at most `2 * count` rows per query
-        (`_admit`); the buffers are merged after."""
+        order). The rows are cut into `parts` contiguous parts (default: one per numba thread), each scanned by one
+        thread into a buffer of at most `2 * count` rows per query (`_admit`); the buffers are merged after."""
         kernel = kernel or pq_kernel()
         if kernel not in available_pq_kernels():
             raise ValueError(f"PQ kernel {kernel!r} cannot run here; this CPU runs {available_pq_kernels()}")
         count = min(count, self.rows)
         tables = lookup_tables(queries, self.codebooks, kernel)
-        parts = max(1, min(numba.get_num_threads(), len(self.packed)))
+        parts = max(1, min(parts or numba.get_num_threads(), len(self.packed)))
         best = np.full((parts, len(queries), 2 * count), -1, np.int32)
         best_rows = np.zeros((parts, len(queries), 2 * count), np.int64)
         kept = np.zeros((parts, len(queries)), np.int64)

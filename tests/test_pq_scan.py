@@ -1,6 +1,5 @@
 """The product-quantised first pass: every kernel finds the rows with the best table sums, whatever the CPU."""
 
-import numba
 import numpy as np
 import pytest
 import torch
@@ -62,18 +61,12 @@ def test_rows_tied_at_the_cut_fill_half_the_buffer(kernel):
         assert np.array_equal(sums[query, found[query]], np.sort(sums[query])[::-1][:40])
 
 
-def test_the_scan_numbers_rows_across_its_parts():
-    """Each thread scans its own contiguous part; a row the second part finds must come back as its gallery row."""
-    if numba.config.NUMBA_NUM_THREADS < 2:
-        pytest.skip("needs two numba threads")
+@pytest.mark.parametrize("parts", [2, 3])
+def test_the_scan_numbers_rows_across_its_parts(parts):
+    """Each thread scans its own contiguous part; a row a later part finds must come back as its gallery row."""
     vectors, pq, _ = _gallery(4_000, 32, seed=2)
-    threads = numba.get_num_threads()
-    numba.set_num_threads(2)
-    try:
-        picked = np.array([5, 1_999, 2_000, 3_999])
-        found = pq.candidates(vectors[picked], 32)
-    finally:
-        numba.set_num_threads(threads)
+    picked = np.array([5, 1_999, 2_000, 3_999])
+    found = pq.candidates(vectors[picked], 32, parts=parts)
     assert all(row in found[i] for i, row in enumerate(picked))
 
 
