@@ -317,7 +317,7 @@ class SpeechImageIndex:
         self.faiss_index = index
 
     def _training_sample(self, rows: int) -> torch.Tensor:
-        """Up to `rows` float rows drawn once with a fixed seed, so a rebuilt faiss index is the same."""
+        """Up to `rows` float rows drawn once with a fixed seed, so a rebuilt approximate index is the same."""
         sample = torch.randperm(len(self), generator=torch.Generator().manual_seed(0))[:rows].sort().values
         return self.gallery.dequantize(sample)
 
@@ -328,7 +328,7 @@ class SpeechImageIndex:
 
     def search_embeddings(self, queries: torch.Tensor, top_k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarse search: `(scores [Q, k], indices [Q, k])` for normalised query embeddings `[Q, D]`; exact unless
-        an approximate mode is on (`use_faiss(approximate=...)`)."""
+        an approximate mode is on (`use_pq()`, `use_faiss(approximate=...)`)."""
         queries = queries.reshape(-1, self.gallery.dim).detach().cpu().float()
         if self.pq_rows is not None:
             rows = self.pq_rows.candidates(queries, max(top_k, self.pq_candidates))
