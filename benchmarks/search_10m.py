@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from search_bench import DIM, bandwidth_bound_ms, make_gallery, queries_near, recall_at_10, timed  # noqa: E402
+from search_bench import DIM, bandwidth_bound_ms, in_turns, make_gallery, queries_near, recall_at_10, timed  # noqa: E402
 
 from c2f.int8_scan import best_first  # noqa: E402
 from c2f.quantized_gallery import TENSOR_DTYPES, QuantizedEmbeddings  # noqa: E402
@@ -54,18 +54,6 @@ def build(rows: int, folder: Path, generator: torch.Generator) -> torch.Tensor:
     index = SpeechImageIndex(QuantizedEmbeddings(**planes), [{"id": str(i), "path": ""} for i in range(rows)], "image", "bench")
     index.save(folder)
     return torch.cat(anchors)
-
-
-def in_turns(first, second, rounds: int) -> tuple[float, float]:
-    """Median ms of two searches run alternately, `rounds` each, so that both see the machine in the same state."""
-    first(), second()
-    times = ([], [])
-    for _ in range(rounds):
-        for search, samples in zip((first, second), times):
-            start = time.perf_counter()
-            search()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(times[0]) * 1000, statistics.median(times[1]) * 1000
 
 
 def faiss_pq_scan(index: SpeechImageIndex):
@@ -144,8 +132,8 @@ def main():
                 ms = timed(lambda: search(queries[:batch].numpy()), args.repeats)
                 turns = ""
                 if batch == 1:  # this VM's speed drifts within minutes: both searches in the same moments
-                    exact_in_turns, approximate_in_turns = in_turns(lambda: index.gallery.top_k(queries[:1], 10),
-                                                                    lambda: search(queries[:1].numpy()), 4 * args.repeats)
+                    exact_in_turns, approximate_in_turns = map(statistics.median, in_turns(
+                        lambda: index.gallery.top_k(queries[:1], 10), lambda: search(queries[:1].numpy()), 4 * args.repeats))
                     turns = f"{exact_in_turns:.1f} / {approximate_in_turns:.2f}, {exact_in_turns / approximate_in_turns:.1f}x"
                 print(f"| {label}, {setting} | {batch} | {ms:.2f} | {exact_ms[batch] / ms:.1f}x faster | {turns} | "
                       f"{recall:.3f} |", flush=True)

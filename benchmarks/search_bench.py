@@ -124,21 +124,26 @@ def bandwidth_bound_ms(size: int, repeats: int) -> tuple[float, float]:
     return gigabytes / (ms / 1000), ms
 
 
-def against_the_floor(search, codes: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """`(search ms, floor ms)` for one query, measured in turns so that both see the machine in the same state (this
-    VM's speed drifts by up to 30% within minutes, and the bound above is read minutes after the searches): the median
-    search, and the fastest full read of the very bytes it scans (`codes`, summed as int64 lanes on all threads)."""
-    lanes = codes.reshape(-1).view(torch.int64)
-    search(), lanes.sum()  # warm-up
-    searches, reads = [], []
+def in_turns(first, second, rounds: int) -> tuple[list[float], list[float]]:
+    """ms of two calls run alternately, `rounds` each, after one warm-up each, so that both see the machine in the same
+    state (this VM's speed drifts by up to 30% within minutes)."""
+    first(), second()
+    times = ([], [])
     for _ in range(rounds):
-        start = time.perf_counter()
-        lanes.sum()
-        reads.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        search()
-        searches.append(time.perf_counter() - start)
-    return statistics.median(searches) * 1000, min(reads) * 1000
+        for call, samples in zip((first, second), times):
+            start = time.perf_counter()
+            call()
+            samples.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def against_the_floor(search, codes: torch.Tensor, rounds: int) -> tuple[float, float]:
+    """`(search ms, floor ms)` for one query, measured in turns (the bound above is read minutes after the searches):
+    the median search, and the fastest full read of the very bytes it scans (`codes`, summed as int64 lanes on all
+    threads)."""
+    lanes = codes.reshape(-1).view(torch.int64)
+    reads, searches = in_turns(lanes.sum, search, rounds)
+    return statistics.median(searches), min(reads)
 
 
 def bench_storage(size: int) -> dict:

@@ -82,12 +82,16 @@ def available_kernels(dim: int) -> list[str]:
                            if dim % step == 0 and cpu_has(features)]
 
 
+def chosen_kernel(kernels: list[str], variable: str) -> str:
+    """The kernel the environment `variable` names where it is among `kernels` (fastest last), else the fastest."""
+    forced = os.environ.get(variable, "").lower()
+    return forced if forced in kernels else kernels[-1]
+
+
 def scan_kernel(dim: int) -> str:
     """Which kernel `int8_scores` runs for `dim`-wide rows on this machine: the fastest it can run, or the one that
     `C2F_INT8_SCAN` names (`portable`, `avx2`, `avx512vnni`) where it can."""
-    kernels = available_kernels(dim)
-    forced = os.environ.get("C2F_INT8_SCAN", "").lower()
-    return forced if forced in kernels else kernels[-1]
+    return chosen_kernel(available_kernels(dim), "C2F_INT8_SCAN")
 
 
 @numba.njit(fastmath=FASTMATH, cache=True, inline="always")

@@ -17,8 +17,6 @@ code of piece `2p` in its low 4 bits and of piece `2p + 1` in its high 4 bits. A
 so the scan reads the gallery front to back.
 """
 
-import os
-
 import numba
 import numpy as np
 import torch
@@ -27,7 +25,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .int8_scan import KERNEL_LOCK, _llvm_function, _prefetch_ahead, cpu_has, merge_parts
+from .int8_scan import KERNEL_LOCK, _llvm_function, _prefetch_ahead, chosen_kernel, cpu_has, merge_parts
 
 PIECE_DIM = 8
 CENTROIDS = 16
@@ -55,9 +53,7 @@ def available_pq_kernels() -> list[str]:
 def pq_kernel() -> str:
     """The fastest kernel this machine runs, or the one `C2F_PQ_SCAN` names (`portable`, `avx2`, `avx512bw`) where it
     can."""
-    kernels = available_pq_kernels()
-    forced = os.environ.get("C2F_PQ_SCAN", "").lower()
-    return forced if forced in kernels else kernels[-1]
+    return chosen_kernel(available_pq_kernels(), "C2F_PQ_SCAN")
 
 
 # ------------------------------------------------------------------ codebooks and codes
@@ -306,7 +302,7 @@ def _admit(value, row, kept, kept_rows, counts, thresholds, query):  # pragma: n
     cut = np.partition(kept[query].copy(), kept.shape[1] - half)[kept.shape[1] - half]
     ties = half - np.sum(kept[query] > cut)  # rows at the cut that still fit
     size = 0
-    for slot in range(kept.shape[1]):  # in place, front to back: a row moves only forward
+    for slot in range(kept.shape[1]):  # in place, front to back: a row only ever moves toward the front
         value = kept[query, slot]
         if value > cut or (value == cut and ties > 0):
             ties -= value == cut
