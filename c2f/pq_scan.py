@@ -4,12 +4,12 @@ Each row is cut into 8-dimension pieces and each piece stored as which of 16 cen
 piece, 16 bytes a 256-d row, an eighth of the int8 plane. A query's inner product with every centroid of every piece,
 rounded to bytes, is a table of 16 entries a piece; a row's approximate score is the sum of its pieces' entries. With
 the table in a register, one byte shuffle (vpshufb) looks up a piece for 64 rows at once (16 per 128-bit lane), so the
-scan reads the codes about as fast as the memory delivers them, and a batch of queries shares each read. The best
+scan reads the codes at close to the memory's speed (below), and a batch of queries shares each read. The best
 `candidates` rows by that sum go to the exact re-scoring, so only a row ranked below them can be missed.
 
 faiss's fast-scan PQ (the index's approximate mode before this one) does the same. Over 10M rows on this 2-core
-machine, one query with the same codes and re-scoring was 8.2-9.3x faster than the exact search with faiss's scan,
-10.7-12.8x with this one, in turns; this one reads the codes in 1.3-1.5x a plain read of them (README,
+machine, one query with the same codes and re-scoring was 8.2-9.4x faster than the exact search with faiss's scan,
+10.6-12.8x with this one, in turns; this one reads the codes in 1.3-1.5x a plain read of them (README,
 docs/search_measurements.md).
 
 Layout: rows in blocks of 64; a block holds, for each pair of pieces `2p, 2p + 1`, 64 bytes, byte `r` being row `r`'s
@@ -158,11 +158,12 @@ def _simd_block_mask(step: int, split: bool):
     `query` into `sums` (int16, row order), and an int64 whose bit `r` says row `r`'s sum exceeds `threshold`; `step`
     rows a shuffle. `codes` is the packed gallery and `block` the block's number, or (`split`) blocks' codes one
     piece a row (`_split_codes`) and `block` the slot of this one.
-    - Each piece's 4-bit codes index its table (vpshufb); the entries are at most 127, so two pieces' bytes are added
-      in bytes (at most 254).
+    - Each piece's 4-bit codes index its table (vpshufb); the entries are at most `TABLE_TOP` (127), so two pieces'
+      bytes are added in bytes (at most 254).
     - Those bytes are added as 16-bit words into two sums: as they are (an even row's byte plus 256 times the next odd
       row's), and shifted down a byte (the odd row's alone). The odd rows' sums are the second, the even rows' the
-      first minus 256 times the second; a sum is at most 127 * 32, so neither wraps past what that undoes."""
+      first minus 256 times the second; a sum is at most 127 times the pieces (4,064 at 256-d), so neither wraps
+      past what that undoes."""
     bytes_type = ir.VectorType(ir.IntType(8), step)
     words_type = ir.VectorType(ir.IntType(16), step // 2)
     shuffle_name = "llvm.x86.avx512.pshuf.b.512" if step == 64 else "llvm.x86.avx2.pshuf.b"
