@@ -12,6 +12,11 @@ machine, one query with the same codes and re-scoring was 8.2-9.4x faster than t
 10.6-12.8x with this one, in turns; this one reads the codes in 1.3-1.5x a plain read of them (README,
 docs/search_measurements.md).
 
+A batch is compute-bound where one query waits on the memory, so a batch first screens each block in saturating
+signed bytes (two shuffles and two additions a pair of pieces, the query's tables held in registers across 8 blocks),
+and computes exact 16-bit sums only for the few blocks with a row near the query's threshold (`SCREEN_UNITS`): 64
+queries over 10M rows in 0.67-0.71 of the time, 8 in 0.85-0.90, with the same candidates (A/B, alternating).
+
 Layout: rows in blocks of 64; a block holds, for each pair of pieces `2p, 2p + 1`, 64 bytes, byte `r` being row `r`'s
 code of piece `2p` in its low 4 bits and of piece `2p + 1` in its high 4 bits. A block is 16 bytes a row, contiguous,
 so the scan reads the gallery front to back.
@@ -36,11 +41,21 @@ BLOCK_ROWS = 64
 # rounding, decides which rows come back. Adding 8 pieces in a byte (5-bit tables) made a batch at most 5% faster
 # (A/B, alternating), so the simpler pairs stayed (docs/search_measurements.md).
 TABLE_TOP = 127
-# A batch's blocks are taken apart TILE_BLOCKS at a time (2 KB each) and scored QUERY_GROUP queries at a time (2 KB of
-# tables each), so that both stay in a core's L1 cache (48 KB here). 64 queries over 10M rows: 167-213 ms against
-# 234-332 a block at a time (two rounds, alternating); 8 queries within this machine's noise.
+# A batch's blocks are taken apart TILE_BLOCKS at a time (2 KB each, so a tile stays in a core's L1 cache), and each
+# query screens the whole tile with its tables held in registers (`_simd_tile_screen`, unrolled over the tile).
 TILE_BLOCKS = 8
-QUERY_GROUP = 12
+# The screen (batches, SIMD kernels): signed bytes, a query's entries centred on each piece's mean and scaled to
+# SCREEN_UNITS per standard deviation of a row's sum, added with saturation from SCREEN_START. A block goes on to the
+# exact 16-bit sums only if one of its rows' bytes passes the query's threshold mapped into these units, less
+# SCREEN_MARGIN. The two tables' rounding puts a row's screen sum off that line by 1.65 units (standard deviation,
+# 8 queries over 640,000 of the benchmark's 256-d rows; about 20 at the very worst), so the margin is about five of
+# them: a row the exact sums would admit is all but never screened out, and 2.5% of blocks go on once the threshold
+# has settled. A sum past +127 stays
+# there and always goes on; starting SCREEN_START below the mean leaves 5.4 deviations above it before that happens,
+# past the 3.4 where a 5M-row part's best thousand begin. A sum held at -128 only comes out higher than it is.
+SCREEN_UNITS = 40
+SCREEN_START = -88
+SCREEN_MARGIN = 8
 # The SIMD kernels: the CPU features each needs and the bytes a shuffle covers (64 rows' codes in 64 // step steps).
 PQ_KERNELS = {"avx512bw": (("avx512bw",), 64), "avx2": (("avx2",), 32)}
 
@@ -109,22 +124,50 @@ def pack(codes: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pairs.transpose(0, 2, 1)).reshape(len(blocks), -1)
 
 
+def _products(queries: torch.Tensor, codebooks: torch.Tensor) -> np.ndarray:
+    """Each query's inner product with each centroid of each piece, `[Q, pieces, 16]` float32."""
+    pieces = queries.detach().float().numpy().reshape(len(queries), -1, PIECE_DIM)
+    return np.einsum("qmd,mcd->qmc", pieces, codebooks.numpy())
+
+
+def _table_scales(products: np.ndarray) -> np.ndarray:
+    """Per query, the factor that stretches the widest piece's range of products to 0-`TABLE_TOP`."""
+    return TABLE_TOP / np.maximum((products.max(axis=-1) - products.min(axis=-1)).max(axis=1), np.float32(1e-12))
+
+
+def _kernel_layout(tables: np.ndarray, kernel: str) -> np.ndarray:
+    """Byte tables `[Q, pieces, 16]` as a SIMD `kernel` reads them: repeated for each of four 128-bit lanes,
+    `[Q, pieces, 4, 16]` for avx2 (which reads two lanes of them at a time), the same bytes as `[Q, pieces, 64]` for
+    avx512bw; the layout picks the compiled specialisation (`_split_mask`)."""
+    lanes = np.ascontiguousarray(np.tile(tables, (1, 1, 4)))
+    return lanes.reshape(*tables.shape[:2], 4, CENTROIDS) if kernel == "avx2" else lanes
+
+
 def lookup_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -> np.ndarray:
     """Each query's inner product with each centroid, shifted to start at 0 per piece and scaled to 0-`TABLE_TOP` by the
     widest piece's range, rounded: a row's sum of its entries ranks it as its approximate score does (per query).
-    Laid out as `kernel` reads it, which picks its compiled specialisation (`_split_mask`): int32 `[Q, pieces, 16]`
-    for `portable`; for the SIMD kernels the bytes repeated for each of four 128-bit lanes, `[Q, pieces, 4, 16]`
-    for avx2 (which reads two lanes of them at a time) and the same bytes as `[Q, pieces, 64]` for avx512bw.
+    int32 `[Q, pieces, 16]` for `portable`, bytes in `_kernel_layout` for the SIMD kernels.
     In numpy, on the calling thread, like everything around the scan (`int8_scan.best_first` says why)."""
-    pieces = queries.detach().float().numpy().reshape(len(queries), -1, PIECE_DIM)
-    tables = np.einsum("qmd,mcd->qmc", pieces, codebooks.numpy())
-    tables -= tables.min(axis=-1, keepdims=True)
-    widest = np.maximum(tables.max(axis=(1, 2)), np.float32(1e-12))
-    tables = np.rint(tables * (TABLE_TOP / widest)[:, None, None]).astype(np.uint8)
-    if kernel == "portable":
-        return tables.astype(np.int32)
-    lanes = np.ascontiguousarray(np.tile(tables, (1, 1, 4)))
-    return lanes.reshape(*tables.shape[:2], 4, CENTROIDS) if kernel == "avx2" else lanes
+    products = _products(queries, codebooks)
+    products -= products.min(axis=-1, keepdims=True)
+    tables = np.rint(products * _table_scales(products)[:, None, None]).astype(np.uint8)
+    return tables.astype(np.int32) if kernel == "portable" else _kernel_layout(tables, kernel)
+
+
+def screen_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    """The screen's signed byte tables (`SCREEN_UNITS`, in `_kernel_layout`) and, per query, `(slope, offset)` float64
+    `[Q, 2]`: a row whose `lookup_tables` sum exceeds `t` has a screen sum of about `slope * t + offset` or more.
+
+    Both tables round the same products: the lookup sum is `scale * (score - sum of piece minima)` and the screen sum
+    `SCREEN_START + units * (score - sum of piece means)`, so one threshold maps to the other by a line."""
+    products = _products(queries, codebooks).astype(np.float64)
+    means = products.mean(axis=-1)
+    deviation = np.sqrt(((products - means[..., None]) ** 2).mean(axis=-1).sum(axis=1))  # of a row's sum, codes uniform
+    units = SCREEN_UNITS / np.maximum(deviation, 1e-12)
+    tables = np.clip(np.rint((products - means[..., None]) * units[:, None, None]), -127, 127).astype(np.int8)
+    slope = units / _table_scales(products.astype(np.float32)).astype(np.float64)
+    offset = SCREEN_START + units * (products.min(axis=-1).sum(axis=1) - means.sum(axis=1))
+    return _kernel_layout(tables, kernel), np.stack([slope, offset], axis=1)
 
 
 # ------------------------------------------------------------------ the scan
@@ -151,6 +194,17 @@ def _lowest_bit(typingctx, mask):
         return builder.call(count, [arguments[0], ir.Constant(ir.IntType(1), 1)])
 
     return signature, codegen
+
+
+def _splat(builder, value, vector_type):
+    """`value` in every element of `vector_type`."""
+    single = builder.insert_element(ir.Constant(vector_type, None), value, ir.Constant(ir.IntType(32), 0))
+    return builder.shuffle_vector(single, single, ir.Constant(ir.VectorType(ir.IntType(32), vector_type.count), [0] * vector_type.count))
+
+
+def _load_vector(builder, start, offset, vector_type):
+    """The `vector_type` at byte `offset` from the byte pointer `start`, unaligned."""
+    return builder.load(builder.bitcast(builder.gep(start, [offset]), vector_type.as_pointer()), align=1)
 
 
 def _simd_block_mask(step: int, split: bool):
@@ -192,14 +246,11 @@ def _simd_block_mask(step: int, split: bool):
             four = ir.Constant(bytes_type, [4] * step)
             eight = ir.Constant(words_type, [8] * (step // 2))
             interleave = ir.Constant(ir.VectorType(ir.IntType(32), step), [i // 2 + (step // 2) * (i % 2) for i in range(step)])
-            limit = builder.trunc(threshold_value, ir.IntType(16))
-            limits = builder.insert_element(ir.Constant(ir.VectorType(ir.IntType(16), step), None), limit,
-                                            ir.Constant(ir.IntType(32), 0))
-            limits = builder.shuffle_vector(limits, limits, ir.Constant(ir.VectorType(ir.IntType(32), step), [0] * step))
+            limits = _splat(builder, builder.trunc(threshold_value, ir.IntType(16)), ir.VectorType(ir.IntType(16), step))
             mask = ir.Constant(ir.IntType(64), 0)
 
             def load(start, offset):
-                return builder.load(builder.bitcast(builder.gep(start, [offset]), bytes_type.as_pointer()), align=1)
+                return _load_vector(builder, start, offset, bytes_type)
 
             for half in range(BLOCK_ROWS // step):
                 both = cgutils.alloca_once_value(builder, ir.Constant(words_type, None))
@@ -234,6 +285,65 @@ def _simd_block_mask(step: int, split: bool):
         return signature, codegen
 
     return block_mask
+
+
+def _simd_tile_screen(step: int):
+    """An intrinsic `(indices, screen, query, limit) -> flagged`: bit `b` of `flagged` says that a row of slot `b` of a
+    tile's split codes (`_split_codes`, `TILE_BLOCKS` slots) has a screen sum above `limit` (-128 to 126) for query
+    `query` of `screen` (`screen_tables`); `step` rows a shuffle.
+    The query's two tables of a pair are loaded once and kept in registers for all the tile's blocks, each of which
+    keeps its own sums in a register: per block and pair, two shuffles and two saturating byte additions, against six
+    operations and two table loads in `_simd_block_mask`, which then only runs for the few blocks flagged."""
+    bytes_type = ir.VectorType(ir.IntType(8), step)
+    shuffle_name = "llvm.x86.avx512.pshuf.b.512" if step == 64 else "llvm.x86.avx2.pshuf.b"
+    saturating_name = f"llvm.sadd.sat.v{step}i8"
+
+    @intrinsic
+    def tile_screen(typingctx, indices, screen, query, limit):
+        signature = types.int64(indices, screen, query, limit)
+
+        def codegen(context, builder, signature, arguments):
+            indices_value, screen_value, query_value, limit_value = arguments
+            indices_array = context.make_array(signature.args[0])(context, builder, indices_value)
+            screen_array = context.make_array(signature.args[1])(context, builder, screen_value)
+            pieces = cgutils.unpack_tuple(builder, indices_array.shape, 3)[1]
+            intp = pieces.type
+            module = builder.module
+            shuffle = _llvm_function(module, shuffle_name, bytes_type, [bytes_type, bytes_type])
+            add = _llvm_function(module, saturating_name, bytes_type, [bytes_type, bytes_type])
+            row_bytes = ir.Constant(intp, BLOCK_ROWS)
+            slot_bytes = builder.mul(pieces, row_bytes)
+            table_start = builder.gep(screen_array.data, [builder.mul(query_value, slot_bytes)])
+            table_start = builder.bitcast(table_start, ir.IntType(8).as_pointer())
+            slot_starts = [builder.gep(indices_array.data, [builder.mul(ir.Constant(intp, slot), slot_bytes)])
+                           for slot in range(TILE_BLOCKS)]
+            limits = _splat(builder, builder.trunc(limit_value, ir.IntType(8)), bytes_type)
+            flagged = ir.Constant(ir.IntType(64), 0)
+            for half in range(BLOCK_ROWS // step):
+                sums = [cgutils.alloca_once_value(builder, ir.Constant(bytes_type, [SCREEN_START] * step))
+                        for _ in range(TILE_BLOCKS)]
+                with cgutils.for_range_slice(builder, ir.Constant(intp, half * step), slot_bytes,
+                                             ir.Constant(intp, 2 * BLOCK_ROWS), intp) as (at, _):
+                    second = builder.add(at, row_bytes)
+                    first_table = _load_vector(builder, table_start, at, bytes_type)
+                    second_table = _load_vector(builder, table_start, second, bytes_type)
+                    for slot_start, block_sums in zip(slot_starts, sums):
+                        first = builder.call(shuffle, [first_table, _load_vector(builder, slot_start, at, bytes_type)])
+                        second_bytes = builder.call(shuffle, [second_table, _load_vector(builder, slot_start, second, bytes_type)])
+                        builder.store(builder.call(add, [builder.call(add, [builder.load(block_sums), first]), second_bytes]),
+                                      block_sums)
+                for slot, block_sums in enumerate(sums):
+                    above = builder.bitcast(builder.icmp_signed(">", builder.load(block_sums), limits), ir.IntType(step))
+                    passed = builder.zext(builder.icmp_unsigned("!=", above, ir.Constant(ir.IntType(step), 0)), ir.IntType(64))
+                    flagged = builder.or_(flagged, builder.shl(passed, ir.Constant(ir.IntType(64), slot)))
+            return flagged
+
+        return signature, codegen
+
+    return tile_screen
+
+
+_SIMD_TILE_SCREENS = {step: _simd_tile_screen(step) for step in (64, 32)}
 
 
 _SIMD_BLOCK_MASKS = {(step, split): _simd_block_mask(step, split) for step in (64, 32) for split in (True, False)}
@@ -289,6 +399,28 @@ _overload_mask(_split_mask, True, _split_mask_portable)
 _overload_mask(_packed_mask, False, _packed_mask_portable)
 
 
+def _screen_tile(indices, screen, query, limit):
+    """`_simd_tile_screen` for the SIMD kernels (by `screen`'s layout, as `_split_mask`); the portable kernel screens
+    nothing: every slot flagged."""
+    raise NotImplementedError("compiled code only")
+
+
+@overload(_screen_tile, inline="always")
+def _screen_tile_by_kernel(indices, screen, query, limit):
+    if screen.dtype == types.int32:
+        return lambda indices, screen, query, limit: -1
+    kernel = _SIMD_TILE_SCREENS[32 if screen.ndim == 4 else 64]
+    return lambda indices, screen, query, limit: kernel(indices, screen, query, limit)
+
+
+@numba.njit(cache=True, inline="always")
+def _screen_limit(lines, query, threshold):  # pragma: no cover - compiled
+    """The screen's limit for a query whose exact threshold is `threshold` (`screen_tables`), at most 126 so that a
+    saturated sum always passes; -129 when every row must go on (no byte is below -128)."""
+    limit = np.floor(lines[query, 0] * threshold + lines[query, 1]) - SCREEN_MARGIN
+    return int(min(max(limit, -129.0), 126.0))
+
+
 @numba.njit(cache=True, inline="always")
 def _admit(value, row, kept, kept_rows, counts, thresholds, query):  # pragma: no cover - compiled
     """Appends a row that beats `thresholds[query]` to the query's buffer; a full buffer keeps its best half and
@@ -323,15 +455,15 @@ def _admit_mask(mask, start, rows, sums, kept, kept_rows, counts, thresholds, qu
 
 
 @numba.njit(parallel=True, cache=True)
-def _candidates(packed, rows, tables, kept, kept_rows, counts, fused):  # pragma: no cover - compiled
+def _candidates(packed, rows, tables, screen, lines, kept, kept_rows, counts, fused):  # pragma: no cover - compiled
     """`fused`: one query, reading each pair's packed byte and taking its two codes apart in the same step. A batch
-    takes `TILE_BLOCKS` blocks' codes apart at once (`_split_codes`), then scores them for `QUERY_GROUP` queries at a
-    time, whose tables stay in the core's L1 cache."""
+    takes `TILE_BLOCKS` blocks' codes apart at once (`_split_codes`); each query screens the tile (`_screen_tile`), and
+    only its flagged blocks get the exact sums and the admission of their rows."""
     blocks, parts, queries = packed.shape[0], kept.shape[0], kept.shape[1]
     pieces = 2 * packed.shape[1] // BLOCK_ROWS
     for part in numba.prange(parts):
         sums = np.empty(BLOCK_ROWS, np.int16)
-        indices = np.empty((TILE_BLOCKS, pieces, BLOCK_ROWS), np.uint8)
+        indices = np.zeros((TILE_BLOCKS, pieces, BLOCK_ROWS), np.uint8)
         thresholds = np.full(queries, -1, np.int32)
         # The part's views made once: a view made in the loop costs reference counting a block and query.
         part_kept, part_rows, part_counts = kept[part], kept_rows[part], counts[part]
@@ -347,12 +479,16 @@ def _candidates(packed, rows, tables, kept, kept_rows, counts, fused):  # pragma
             for block in range(tile, tile_end):
                 _prefetch_ahead(packed, block)
                 _split_codes(packed, block, indices, block - tile)
-            for group in range(0, queries, QUERY_GROUP):
-                for block in range(tile, tile_end):
-                    for query in range(group, min(group + QUERY_GROUP, queries)):
-                        mask = _split_mask(indices, block - tile, tables, query, thresholds[query], sums)
-                        _admit_mask(mask, block * BLOCK_ROWS, rows, sums, part_kept, part_rows, part_counts, thresholds,
-                                    query)
+            in_tile = (1 << (tile_end - tile)) - 1
+            for query in range(queries):
+                limit = _screen_limit(lines, query, thresholds[query])
+                flagged = in_tile if limit < -128 else _screen_tile(indices, screen, query, limit) & in_tile
+                while flagged != 0:
+                    slot = _lowest_bit(flagged)
+                    flagged &= flagged - 1
+                    mask = _split_mask(indices, slot, tables, query, thresholds[query], sums)
+                    _admit_mask(mask, (tile + slot) * BLOCK_ROWS, rows, sums, part_kept, part_rows, part_counts,
+                                thresholds, query)
 
 
 class ProductQuantizedRows:
@@ -387,11 +523,15 @@ class ProductQuantizedRows:
             raise ValueError(f"PQ kernel {kernel!r} cannot run here; this CPU runs {available_pq_kernels()}")
         count = min(count, self.rows)
         tables = lookup_tables(queries, self.codebooks, kernel)
+        # One query reads the codes as fast as the memory serves them, unscreened; the tables are made all the same, so
+        # that each kernel compiles one specialisation.
+        screen, lines = (tables, np.zeros((len(queries), 2))) if kernel == "portable" else \
+            screen_tables(queries, self.codebooks, kernel)
         parts = max(1, min(parts or numba.get_num_threads(), len(self.packed)))
         best = np.full((parts, len(queries), 2 * count), -1, np.int32)
         best_rows = np.zeros((parts, len(queries), 2 * count), np.int64)
         kept = np.zeros((parts, len(queries)), np.int64)
         with KERNEL_LOCK:
-            _candidates(self.packed, self.rows, tables, best, best_rows, kept, len(queries) == 1)
+            _candidates(self.packed, self.rows, tables, screen, lines, best, best_rows, kept, len(queries) == 1)
         best[np.arange(2 * count) >= kept[..., None]] = -1  # past a buffer's count: rows moved forward, or none; below any sum
         return merge_parts(best, best_rows, count)[1]

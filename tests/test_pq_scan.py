@@ -112,3 +112,41 @@ def test_a_cpu_without_avx512_scans_with_avx2_and_refuses_the_rest(monkeypatch):
     assert pq_scan.pq_kernel() == "portable"
     monkeypatch.setenv("C2F_PQ_SCAN", "avx2")  # named, but this CPU cannot: the fastest it can
     assert pq_scan.pq_kernel() == "portable"
+
+
+def test_the_screen_sums_follow_the_lookup_sums_by_its_line():
+    """A row's screen sum (signed bytes, `SCREEN_UNITS` per deviation of a row's sum) lies on the line `screen_tables`
+    gives through its lookup sum, off it only by the two tables' rounding: a spread under a quarter of
+    `SCREEN_MARGIN`, and no row of 5,000 off by the margin, so the screen does not drop a row the exact sums admit.
+    Its sums spread by about `SCREEN_UNITS`."""
+    _, pq, codes = _gallery(5_000, 128, seed=6)
+    queries = torch.nn.functional.normalize(torch.randn(4, 128, generator=torch.Generator().manual_seed(7)), dim=1)
+    sums = _table_sums(pq_scan.lookup_tables(queries, pq.codebooks, "portable"), codes)
+    screen, lines = pq_scan.screen_tables(queries, pq.codebooks, "avx512bw")
+    assert screen.dtype == np.int8 and screen.shape == (4, 16, 64)
+    screen_sums = pq_scan.SCREEN_START + _table_sums(screen[..., :16].astype(np.int64), codes)
+    off_the_line = screen_sums - (lines[:, :1] * sums + lines[:, 1:])
+    assert np.abs(off_the_line).max() < pq_scan.SCREEN_MARGIN and off_the_line.std() < pq_scan.SCREEN_MARGIN / 4
+    assert np.all(np.abs(screen_sums.std(axis=1) / pq_scan.SCREEN_UNITS - 1) < 0.15)
+
+
+@pytest.mark.parametrize("kernel", pq_scan.available_pq_kernels())
+def test_rows_far_above_the_rest_pass_the_screen_at_its_top(kernel):
+    """Every tenth of 3,000 rows is close to the first query: its threshold soon lies among them, where screen sums
+    have long stopped at +127, so the screen's limit must stay below 127 for them to reach the exact sums."""
+    near = torch.nn.functional.normalize(torch.randn(256, generator=torch.Generator().manual_seed(8)), dim=0)
+    rows = torch.nn.functional.normalize(torch.randn(3_000, 256, generator=torch.Generator().manual_seed(9)), dim=1)
+    codebooks = pq_scan.train_codebooks(rows)  # before the near rows: trained on them, they would share one code
+    rows[::10] = torch.nn.functional.normalize(near + 0.5 * rows[::10], dim=1)
+    codes = pq_scan.encode(rows, codebooks)
+    padded = np.zeros((-(-len(rows) // 64) * 64, codes.shape[1]), np.uint8)
+    padded[: len(rows)] = codes
+    pq = ProductQuantizedRows(codebooks, pq_scan.pack(padded), len(rows))
+    queries = torch.stack([near, rows[1]])
+    sums = _table_sums(pq_scan.lookup_tables(queries, codebooks, "portable"), codes)
+    screen, lines = pq_scan.screen_tables(queries, codebooks, "avx512bw")
+    screen_sums = pq_scan.SCREEN_START + _table_sums(screen[..., :16].astype(np.int64), codes)
+    assert np.sort(screen_sums[0])[-60] > 127 + pq_scan.SCREEN_MARGIN  # the first query's best 60 all saturate
+    found = pq.candidates(queries, 30, kernel)
+    for query in range(2):
+        assert np.array_equal(sums[query, found[query]], np.sort(sums[query])[::-1][:30])
