@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .int8_scan import SCAN_REVISION, int8_best, int8_scores, scan_kernel
+from .int8_scan import SCAN_REVISION, exact_dots, int8_best, int8_scores, scan_kernel
 
 RESIDUAL_LEVELS = 254
 # Rows re-scored exactly at first. On 1M random 256-d rows, 64 left the bound unsure for 3 queries in 256 (each costs
@@ -192,8 +192,9 @@ class QuantizedEmbeddings:
 
     def exact_scores(self, queries: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Exact float32 scores of `queries [Q, D]` against their own stored `rows [Q, R]` (both planes) -> `[Q, R]`:
-        how a short list from any first pass is re-scored. In numpy, on the calling thread, as `dequantize` is."""
-        return torch.from_numpy(np.einsum("qd,qrd->qr", queries.detach().float().numpy(), self.dequantize(rows).numpy()))
+        how a short list from any first pass is re-scored (`int8_scan.exact_dots`; no torch, as in `dequantize`)."""
+        return torch.from_numpy(exact_dots(queries.detach().float().numpy(), rows.numpy(), self.codes.numpy(),
+                                           self.residuals.numpy(), self.scales.numpy(), RESIDUAL_LEVELS))
 
     def top_k(self, queries: torch.Tensor, top_k: int, chunk_scores: int = CHUNK_SCORES,
               kernel: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:

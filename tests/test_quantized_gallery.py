@@ -218,3 +218,17 @@ def test_a_batch_top_k_is_exact(kernel):
     expected = (queries @ gallery.dequantize().t()).topk(10, dim=1)
     assert torch.equal(rows, expected.indices)
     torch.testing.assert_close(best, expected.values)
+
+
+@pytest.mark.parametrize("dim", [40, 256])
+def test_exact_scores_are_the_dot_products_of_the_stored_rows(dim):
+    """Each query against its own rows, as the dequantised rows give them (a width that is not a multiple of the
+    partial sums' 16 lanes too); rows named twice or out of order, and no rows at all."""
+    generator = torch.Generator().manual_seed(dim)
+    gallery = QuantizedEmbeddings.quantize(torch.randn(500, dim, generator=generator))
+    queries = torch.randn(3, dim, generator=generator)
+    rows = torch.randint(500, (3, 70), generator=generator)
+    rows[:, 1] = rows[:, 0]
+    expected = torch.einsum("qd,qrd->qr", queries, gallery.dequantize(rows))
+    assert torch.allclose(gallery.exact_scores(queries, rows), expected, atol=1e-5, rtol=1e-6)
+    assert gallery.exact_scores(queries, rows[:, :0]).shape == (3, 0)
