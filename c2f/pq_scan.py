@@ -8,8 +8,8 @@ scan reads the codes at close to the memory's speed (below), and a batch of quer
 `candidates` rows by that sum go to the exact re-scoring, so only a row ranked below them can be missed.
 
 faiss's fast-scan PQ (the index's approximate mode before this one) does the same. Over 10M rows on this 2-core
-machine, one query with the same codes and re-scoring was 8.2-9.4x faster than the exact search with faiss's scan,
-10.6-12.8x with this one, in turns; this one reads the codes in 1.3-1.5x a plain read of them (README,
+machine, one query with the same codes and re-scoring was 8.2-10.3x faster than the exact search with faiss's scan,
+10.6-15.1x with this one, in turns over six runs; this one reads the codes in 1.3-1.5x a plain read of them (README,
 docs/search_measurements.md).
 
 A batch is compute-bound where one query waits on the memory, so a batch first screens each block in saturating

@@ -252,11 +252,14 @@ class SpeechImageIndex:
     def use_pq(self, candidates: int = 512, progress: bool = True) -> None:
         """Search by c2f's product-quantised scan (`pq_scan`) first, for galleries too large for one exact pass per
         query: 16 bytes a 256-d row (an eighth of the int8 plane); one query takes 1.3-1.5x a plain read of those
-        bytes, and a batch shares each read. Its `candidates` best rows a query are re-scored exactly from the stored
-        planes, so the scores returned are exact and only a row the scan ranks below them can be missed.
+        bytes, and a batch shares each read and screens each block in bytes first. Its `candidates` best rows a query
+        are re-scored exactly from the stored planes, so the scores returned are exact and only a row the scan ranks
+        below them can be missed.
 
-        The default, 512, is the middle of the depths measured over 10M clustered rows on 2 cores (README): recall@10
-        0.977 at 12x faster than the exact search for one query; 256 rows gave 0.958 at 12x, 1,024 gave 0.991 at 11x.
+        The default, 512, is the middle of the depths measured over 10M clustered rows on 2 cores (README, in turns
+        with the exact search): recall@10 0.977 at 12-13x faster than the exact search for one query, 9.1-9.4x for 8
+        and 10.2-10.8x for 64; 256 rows gave 0.958 at 14-15x / 9.9-10.3x / 12.8-13.0x, 1,024 gave 0.991 at 12x / 7-8x
+        / 8-9x.
 
         Built in memory from the stored rows (k-means on 65,536 of them, then every row encoded a shard at a time),
         not saved; `add`, `remove` and `use_faiss` drop it, `search_embeddings` uses it while it is set."""
@@ -279,8 +282,8 @@ class SpeechImageIndex:
         - `approximate="ivf"`: an inverted file, rows grouped into `lists` k-means cells (default: sqrt(rows)), stored as
           fp16; a query scans its `probes` nearest cells. Built in minutes at 10M rows, half the float size.
         - `approximate="pq"`: `use_pq(candidates)`, c2f's own product-quantised scan (no faiss needed). Until the
-          nineteenth session this was faiss's fast-scan PQ, which took 1.15-1.5x as long for one query over 10M rows
-          at the same code size (in turns), and 1.0-2.2x as long for 8 or 64 queries (README).
+          nineteenth session this was faiss's fast-scan PQ, which took 1.1-1.4x as long for one query over 10M rows
+          at the same code size and 1.3-2.0x as long for 8 or 64 queries (in turns, README).
 
         Approximate modes trade recall for speed, and their recall depends on the gallery. HNSW and IVF follow its
         structure at scales above the nearest neighbours, and a gallery without it (10M rows in 200,000 unrelated
