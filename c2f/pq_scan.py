@@ -497,6 +497,25 @@ class ProductQuantizedRows:
     def __init__(self, codebooks: torch.Tensor, packed: np.ndarray, rows: int):
         self.codebooks, self.packed, self.rows = codebooks, packed, rows
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The codebooks and packed codes, as an index file stores them beside its planes."""
+        return {"pq_codebooks": self.codebooks, "pq_codes": torch.from_numpy(self.packed)}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], rows: int, dim: int, source: str) -> "ProductQuantizedRows":
+        """From the tensors of a saved index of `rows` `dim`-d rows; `source` names the file in errors. The codes are
+        used where they lie (memory-mapped), so they are checked against the layout the scan reads first."""
+        shapes = {"pq_codebooks": ((dim // PIECE_DIM, CENTROIDS, PIECE_DIM), torch.float32),
+                  "pq_codes": ((-(-rows // BLOCK_ROWS), dim // PIECE_DIM * BLOCK_ROWS // 2), torch.uint8)}
+        for name, (shape, dtype) in shapes.items():
+            if name not in tensors:
+                raise ValueError(f"{source}: tensor {name!r} is missing beside the other PQ tensor; rebuild the index or "
+                                 "save it again")
+            if tensors[name].dtype != dtype or tuple(tensors[name].shape) != shape:
+                raise ValueError(f"{source}: tensor {name!r} is {tensors[name].dtype} {tuple(tensors[name].shape)}, "
+                                 f"expected {dtype} {shape} for {rows} rows of {dim} dimensions")
+        return cls(tensors["pq_codebooks"], tensors["pq_codes"].numpy(), rows)
+
     @classmethod
     def build(cls, sample: torch.Tensor, rows: int, shard_rows, progress_bar=None) -> "ProductQuantizedRows":
         """Trains codebooks on `sample`, then encodes the gallery shard by shard: `shard_rows(start, end)` gives the

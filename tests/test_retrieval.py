@@ -217,3 +217,42 @@ def test_fingerprint_is_stable_across_a_forward_pass_and_a_reload(tmp_path, mode
     with torch.no_grad():
         fresh(batch["input_values"], batch["pixel_values"], batch["attention_mask"])
     assert model_fingerprint(fresh) == before == model_fingerprint(model)
+
+
+def test_an_index_saved_in_pq_mode_loads_in_it(tmp_path):
+    """The codes and codebooks go into the embeddings file, the depth into index.json; the loaded index searches as
+    the saved one did, with no k-means and no encoding. Saved after an edit (which drops the codes), it loads exact."""
+    index, queries, _ = _clustered_index()
+    index.use_pq(candidates=77, progress=False)
+    before = index.search_embeddings(queries, 10)
+    index.save(tmp_path / "pq")
+    loaded = SpeechImageIndex.load(tmp_path / "pq")
+    assert loaded.pq_candidates == 77 and np.array_equal(loaded.pq_rows.packed, index.pq_rows.packed)
+    assert torch.equal(loaded.pq_rows.codebooks, index.pq_rows.codebooks)
+    after = loaded.search_embeddings(queries, 10)
+    assert torch.equal(after[1], before[1]) and torch.equal(after[0], before[0])
+    loaded.remove(["5"])
+    loaded.save(tmp_path / "pq")
+    assert SpeechImageIndex.load(tmp_path / "pq").pq_rows is None
+
+
+def test_pq_codes_that_do_not_fit_the_gallery_are_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    index, _, _ = _clustered_index()
+    index.use_pq(candidates=50, progress=False)
+    index.save(tmp_path / "pq")
+    metadata = json.loads((tmp_path / "pq" / "index.json").read_text())
+    embeddings = tmp_path / "pq" / metadata["embeddings_file"]
+    tensors = load_file(embeddings)
+    save_file({**tensors, "pq_codes": tensors["pq_codes"][:-1].contiguous()}, embeddings)
+    with pytest.raises(ValueError, match=r"tensor 'pq_codes' is torch.uint8 \(46, 128\), expected torch.uint8 \(47, 128\) "
+                                         r"for 3000 rows of 32 dimensions"):
+        SpeechImageIndex.load(tmp_path / "pq")
+    save_file({name: tensor for name, tensor in tensors.items() if name != "pq_codebooks"}, embeddings)
+    with pytest.raises(ValueError, match="tensor 'pq_codebooks' is missing beside the other PQ tensor"):
+        SpeechImageIndex.load(tmp_path / "pq")
+    save_file(tensors, embeddings)
+    (tmp_path / "pq" / "index.json").write_text(json.dumps({**metadata, "pq_candidates": 0}))
+    with pytest.raises(ValueError, match="pq_candidates is 0, expected an integer >= 1"):
+        SpeechImageIndex.load(tmp_path / "pq")
