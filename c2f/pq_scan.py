@@ -50,9 +50,9 @@ TILE_BLOCKS = 8
 # SCREEN_MARGIN. The two tables' rounding puts a row's screen sum off that line by 1.65 units (standard deviation,
 # 8 queries over 640,000 of the benchmark's 256-d rows; about 20 at the very worst), so the margin is about five of
 # them: a row the exact sums would admit is all but never screened out, and 2.5% of blocks go on once the threshold
-# has settled. A sum past +127 stays
-# there and always goes on; starting SCREEN_START below the mean leaves 5.4 deviations above it before that happens,
-# past the 3.4 where a 5M-row part's best thousand begin. A sum held at -128 only comes out higher than it is.
+# has settled. A sum past +127 stays there and always goes on; starting SCREEN_START below the mean leaves 5.4
+# deviations above it before that happens, past the 3.4 where a 5M-row part's best thousand begin. A sum held at -128
+# only comes out higher than it is.
 SCREEN_UNITS = 40
 SCREEN_START = -88
 SCREEN_MARGIN = 8
@@ -542,8 +542,8 @@ class ProductQuantizedRows:
             raise ValueError(f"PQ kernel {kernel!r} cannot run here; this CPU runs {available_pq_kernels()}")
         count = min(count, self.rows)
         tables = lookup_tables(queries, self.codebooks, kernel)
-        # One query reads the codes as fast as the memory serves them, unscreened; the tables are made all the same, so
-        # that each kernel compiles one specialisation.
+        # One query is not screened (it waits on the memory, not on the arithmetic), but gets screen tables all the
+        # same, so that each kernel compiles to one specialisation of `_candidates`.
         screen, lines = (tables, np.zeros((len(queries), 2))) if kernel == "portable" else \
             screen_tables(queries, self.codebooks, kernel)
         parts = max(1, min(parts or numba.get_num_threads(), len(self.packed)))
