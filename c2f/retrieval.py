@@ -86,6 +86,13 @@ def index_lock(folder: str | os.PathLike):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _candidate_count(value, what: str) -> int:
+    """`value` as the PQ mode's re-scoring depth: an integer >= 1 (not a bool), else an error naming `what`."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{what} must be an integer >= 1, got {value!r}")
+    return value
+
+
 class SpeechImageIndex:
     """Embeddings + records of a gallery of one modality ("image" or "audio")."""
 
@@ -244,10 +251,8 @@ class SpeechImageIndex:
             raise ValueError(f"{folder}: {len(gallery)} embeddings but {len(metadata['records'])} records")
         index = cls(gallery, metadata["records"], metadata["modality"], metadata["model_fingerprint"], metadata.get("model_path"))
         if "pq_codes" in tensors or "pq_codebooks" in tensors:  # saved in the PQ mode (`use_pq`): it loads in it
-            candidates = metadata.get("pq_candidates")
-            if not isinstance(candidates, int) or isinstance(candidates, bool) or candidates < 1:
-                raise ValueError(f"{folder / METADATA_FILE}: pq_candidates is {candidates!r}, expected an integer >= 1 "
-                                 f"beside the PQ codes of {embeddings.name}")
+            candidates = _candidate_count(metadata.get("pq_candidates"),
+                                          f"{folder / METADATA_FILE}: pq_candidates (beside the PQ codes of {embeddings.name})")
             index.pq_rows = ProductQuantizedRows.from_tensors(tensors, len(gallery), gallery.dim, str(embeddings))
             index.pq_candidates = candidates
         return index
@@ -277,8 +282,7 @@ class SpeechImageIndex:
         Built in memory from the stored rows (k-means on 65,536 of them, then every row encoded a shard at a time:
         44-47 s at 10M rows); `save` stores the codes beside the planes, and `load` comes back in this mode, the codes
         memory-mapped. `add`, `remove` and `use_faiss` drop it, `search_embeddings` uses it while it is set."""
-        if not isinstance(candidates, int) or candidates < 1:
-            raise ValueError(f"use_pq: candidates must be an integer >= 1, got {candidates!r}")
+        _candidate_count(candidates, "use_pq: candidates")
         bar = (lambda starts: tqdm(starts, desc="encoding rows", unit="shard")) if progress else None
         self.faiss_index = None
         self.pq_rows = ProductQuantizedRows.build(self._training_sample(65_536), len(self),

@@ -254,5 +254,5 @@ def test_pq_codes_that_do_not_fit_the_gallery_are_refused(tmp_path):
         SpeechImageIndex.load(tmp_path / "pq")
     save_file(tensors, embeddings)
     (tmp_path / "pq" / "index.json").write_text(json.dumps({**metadata, "pq_candidates": 0}))
-    with pytest.raises(ValueError, match="pq_candidates is 0, expected an integer >= 1"):
+    with pytest.raises(ValueError, match=r"pq_candidates \(beside the PQ codes of embeddings-.*\) must be an integer >= 1, got 0"):
         SpeechImageIndex.load(tmp_path / "pq")
