@@ -148,9 +148,12 @@ def lookup_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -
     widest piece's range, rounded: a row's sum of its entries ranks it as its approximate score does (per query).
     int32 `[Q, pieces, 16]` for `portable`, bytes in `_kernel_layout` for the SIMD kernels.
     In numpy, on the calling thread, like everything around the scan (`int8_scan.best_first` says why)."""
-    products = _products(queries, codebooks)
-    products -= products.min(axis=-1, keepdims=True)
-    tables = np.rint(products * _table_scales(products)[:, None, None]).astype(np.uint8)
+    return _lookup_tables(_products(queries, codebooks), kernel)
+
+
+def _lookup_tables(products: np.ndarray, kernel: str) -> np.ndarray:
+    shifted = products - products.min(axis=-1, keepdims=True)
+    tables = np.rint(shifted * _table_scales(shifted)[:, None, None]).astype(np.uint8)
     return tables.astype(np.int32) if kernel == "portable" else _kernel_layout(tables, kernel)
 
 
@@ -160,14 +163,18 @@ def screen_tables(queries: torch.Tensor, codebooks: torch.Tensor, kernel: str) -
 
     Both tables round the same products: the lookup sum is `scale * (score - sum of piece minima)` and the screen sum
     `SCREEN_START + units * (score - sum of piece means)`, so one threshold maps to the other by a line."""
-    products = _products(queries, codebooks).astype(np.float64)
+    return _screen_tables(_products(queries, codebooks), kernel)
+
+
+def _screen_tables(products: np.ndarray, kernel: str) -> tuple[np.ndarray, np.ndarray]:
+    scales = _table_scales(products).astype(np.float64)
+    products = products.astype(np.float64)
     means = products.mean(axis=-1)
     deviation = np.sqrt(((products - means[..., None]) ** 2).mean(axis=-1).sum(axis=1))  # of a row's sum, codes uniform
     units = SCREEN_UNITS / np.maximum(deviation, 1e-12)
     tables = np.clip(np.rint((products - means[..., None]) * units[:, None, None]), -127, 127).astype(np.int8)
-    slope = units / _table_scales(products.astype(np.float32)).astype(np.float64)
     offset = SCREEN_START + units * (products.min(axis=-1).sum(axis=1) - means.sum(axis=1))
-    return _kernel_layout(tables, kernel), np.stack([slope, offset], axis=1)
+    return _kernel_layout(tables, kernel), np.stack([units / scales, offset], axis=1)
 
 
 # ------------------------------------------------------------------ the scan
@@ -541,11 +548,15 @@ class ProductQuantizedRows:
         if kernel not in available_pq_kernels():
             raise ValueError(f"PQ kernel {kernel!r} cannot run here; this CPU runs {available_pq_kernels()}")
         count = min(count, self.rows)
-        tables = lookup_tables(queries, self.codebooks, kernel)
-        # One query is not screened (it waits on the memory, not on the arithmetic), but gets screen tables all the
-        # same, so that each kernel compiles to one specialisation of `_candidates`.
-        screen, lines = (tables, np.zeros((len(queries), 2))) if kernel == "portable" else \
-            screen_tables(queries, self.codebooks, kernel)
+        products = _products(queries, self.codebooks)  # once, for both tables
+        tables = _lookup_tables(products, kernel)
+        if kernel == "portable":  # screens nothing (`_screen_tile`)
+            screen, lines = tables, np.zeros((len(queries), 2))
+        elif len(queries) == 1:  # not screened: it waits on the memory, not on the arithmetic. Empty tables of the
+            # screen's type keep one compiled specialisation of `_candidates` per kernel.
+            screen, lines = np.zeros((0, *tables.shape[1:]), np.int8), np.zeros((1, 2))
+        else:
+            screen, lines = _screen_tables(products, kernel)
         parts = max(1, min(parts or numba.get_num_threads(), len(self.packed)))
         best = np.full((parts, len(queries), 2 * count), -1, np.int32)
         best_rows = np.zeros((parts, len(queries), 2 * count), np.int64)
